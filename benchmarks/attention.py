@@ -1,0 +1,8 @@
+"""Attention benchmark: ``python benchmarks/attention.py [--tokens ...]`` (same as ``agentattn bench attention``)."""
+
+import sys
+
+from agentattn.bench.attention import main
+
+if __name__ == "__main__":
+    sys.exit(main())

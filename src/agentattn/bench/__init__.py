@@ -1,0 +1,1 @@
+"""Benchmarks and the baselines they compare against (the official forward, softmax attention)."""

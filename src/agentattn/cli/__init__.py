@@ -1,0 +1,1 @@
+"""The ``agentattn`` command line."""

@@ -1,0 +1,31 @@
+"""``agentattn``: one entry point with subcommands.
+
+    agentattn bench attention [--tokens 197 3137 16385] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..bench import attention as bench_attention
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentattn", description="Agent Attention tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    attention = bench_kinds.add_parser("attention", help="agent attention vs the official code and softmax attention")
+    bench_attention.add_arguments(attention)
+    attention.set_defaults(handler=bench_attention.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

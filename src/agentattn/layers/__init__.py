@@ -1,0 +1,16 @@
+"""nn.Modules built on ``agentattn.ops``, with the official parameter names, and their softmax/linear twins."""
+
+from .agent_attention import AgentAttention, AgentAttentionBase, CSwinAgentAttention, PVTAgentAttention
+from .agent_bias import agent_biases, agent_grid_for
+from .twins import LinearAttention, SoftmaxAttention
+
+__all__ = [
+    "AgentAttention",
+    "AgentAttentionBase",
+    "CSwinAgentAttention",
+    "LinearAttention",
+    "PVTAgentAttention",
+    "SoftmaxAttention",
+    "agent_biases",
+    "agent_grid_for",
+]

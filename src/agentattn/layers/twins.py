@@ -1,0 +1,79 @@
+"""Softmax and linear-attention twins of the agent layers, with the same interface and projections.
+
+They let an experiment swap the attention of one stage and keep everything else (``attn_type`` per stage):
+``SoftmaxAttention`` is plain multi-head attention through SDPA; ``LinearAttention`` is elu+1 linear attention
+with the same depthwise-conv term as the agent layer, so that the comparison isolates the attention itself.
+Both take ``forward(x, grid_size=None)`` with x of shape (B, P + H·W, C).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import linear_attention
+from .agent_bias import to_2tuple_grid
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head softmax attention (timm's ``Attention`` key names: ``qkv``, ``proj``)."""
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, N, C) → (B, N, C); ``grid_size`` is accepted for interface parity and ignored."""
+        batch, tokens, channels = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
+
+
+class LinearAttention(nn.Module):
+    """elu+1 linear attention plus a depthwise 3×3 conv on the value map (keys ``qkv``, ``proj``, ``dwc``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        grid_size: int | tuple[int, int] = (14, 14),
+        num_prefix_tokens: int = 0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim, self.num_heads = dim, num_heads
+        self.grid_size = to_2tuple_grid("grid_size", grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, P + H·W, C) → (B, P + H·W, C)."""
+        grid = self.grid_size if grid_size is None else to_2tuple_grid("grid_size", grid_size)
+        batch, tokens, channels = x.shape
+        prefix = self.num_prefix_tokens
+        if x.dim() != 3 or tokens != prefix + grid[0] * grid[1] or channels != self.dim:
+            raise ValueError(
+                f"x must be (B, {prefix} + H·W, {self.dim}) for grid_size {grid}, got shape {tuple(x.shape)}"
+            )
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = linear_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, channels)
+        v_map = v[:, :, prefix:].transpose(1, 2).reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
+        local = self.dwc(v_map).permute(0, 2, 3, 1).reshape(batch, -1, channels)
+        out = torch.cat([out[:, :prefix], out[:, prefix:] + local], dim=1) if prefix else out + local
+        return self.proj_drop(self.proj(out))

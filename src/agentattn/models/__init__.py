@@ -1,0 +1,1 @@
+"""timm model families with agent attention (registered on ``import agentattn``)."""

@@ -1,0 +1,68 @@
+"""Plain reference for the agent attention op, written straight from the math.
+
+Slow and memory-hungry on purpose: every intermediate is materialised, so the fast path in
+``agentattn.ops.agent`` can be checked against it (outputs and gradients), in float64 if need be.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._validation import check_agent_attention_args
+
+
+def agent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    *,
+    scale: float | None = None,
+    agent_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Reference agent attention: softmax(s·Q·Aᵀ + B2) · softmax(s·A·Kᵀ + B1) · V.
+
+    Args:
+        q: (B, H, N, d) queries.
+        k: (B, H, M, d) keys.
+        v: (B, H, M, d_v) values.
+        agents: (B, H, n, d) agent tokens.
+        scale: logit scale s; ``d ** -0.5`` when None.
+        agent_bias: B1, broadcastable to (B, H, n, M).
+        query_bias: B2, broadcastable to (B, H, N, n).
+        key_padding_mask: (B, M) bool, True marks a padded key, which the agents ignore. An agent whose
+            keys are all padded gathers zeros.
+        dropout_p: dropout on both attention matrices, applied only when ``training``.
+
+    Returns:
+        (B, H, N, d_v).
+    """
+    check_agent_attention_args(q, k, v, agents, agent_bias, query_bias, key_padding_mask, dropout_p, scale)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    p = dropout_p if training else 0.0
+
+    # Agent aggregation: n agents attend over the M keys.
+    agent_logits = (agents * s) @ k.transpose(-2, -1)  # (B, H, n, M)
+    if agent_bias is not None:
+        agent_logits = agent_logits + agent_bias.to(q.dtype)
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, None, None, :]  # (B, 1, 1, M)
+        agent_logits = agent_logits.masked_fill(padded, float("-inf"))
+    agent_probs = agent_logits.softmax(dim=-1)
+    if key_padding_mask is not None:
+        all_padded = key_padding_mask.all(dim=-1)[:, None, None, None]  # (B, 1, 1, 1)
+        agent_probs = torch.where(all_padded, torch.zeros_like(agent_probs), agent_probs)
+    agent_probs = F.dropout(agent_probs, p, training=p > 0)
+    agent_values = agent_probs @ v  # (B, H, n, d_v)
+
+    # Agent broadcast: N queries attend over the n agents.
+    query_logits = (q * s) @ agents.transpose(-2, -1)  # (B, H, N, n)
+    if query_bias is not None:
+        query_logits = query_logits + query_bias.to(q.dtype)
+    query_probs = F.dropout(query_logits.softmax(dim=-1), p, training=p > 0)
+    return query_probs @ agent_values  # (B, H, N, d_v)

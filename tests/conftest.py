@@ -1,0 +1,50 @@
+"""Shared fixtures and tolerance helpers.
+
+Tolerances are relative to the largest magnitude of the reference, the convention of the official vectors:
+fp32 outputs within 1e-5 × max|ref|.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def assert_close_rel(
+    actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = "", floor: float = 0.0
+) -> None:
+    """Assert max|actual - expected| <= rel × max(max|expected|, floor) (and equal shapes).
+
+    ``floor`` is for references that are zero in exact arithmetic (e.g. the q-gradient with a single agent),
+    where float noise must be judged against the scale of the computation instead.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    expected = expected.to(torch.float64)
+    diff = (actual.to(torch.float64) - expected).abs().max().item() if expected.numel() else 0.0
+    bound = rel * max(expected.abs().max().item(), floor) if expected.numel() else 0.0
+    assert diff <= bound, f"{what}: max abs diff {diff:.3e} > {rel:g} × max|ref| = {bound:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _two_threads_and_seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_empty(monkeypatch):
+    """Fill ``torch.empty`` with NaN so that a read of uninitialised memory shows up as NaN (fla's trick)."""
+    original = torch.empty
+
+    def empty_nan(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.is_floating_point() and not t.requires_grad:
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty_nan)
+    yield
