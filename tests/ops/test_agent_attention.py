@@ -58,6 +58,10 @@ def test_fast_matches_naive_outputs_and_gradients(b, h, n_q, m, n_agents, d, bia
     out, grads = run_with_grads(agent_attention, inputs, mask)
     ref_out, ref_grads = run_with_grads(naive.agent_attention, inputs, mask)
     assert_close_rel(out, ref_out, FP32_REL, "output")
+    with torch.inference_mode():  # the inference path (fused SDPA) is a different code path
+        q, k, v, agents, b1, b2 = inputs
+        fused = agent_attention(q, k, v, agents, agent_bias=b1, query_bias=b2, key_padding_mask=mask)
+    assert_close_rel(fused, ref_out, FP32_REL, "output, inference path")
     names = [n for n, t in zip(["q", "k", "v", "agents", "agent_bias", "query_bias"], inputs, strict=True) if t is not None]
     for name, got, want in zip(names, grads, ref_grads, strict=True):
         # Judged against the output scale too: with n = 1 the q-gradient is exactly zero in exact arithmetic.
@@ -116,6 +120,9 @@ def test_all_keys_padded_gives_zeros_without_nan():
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         grads = torch.autograd.grad(out.sum(), [q, k, v, agents])
         assert all(torch.isfinite(g).all() for g in grads)
+        with torch.no_grad():
+            out = fn(q, k, v, agents, key_padding_mask=mask)
+        assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out).all()
 
 
 def test_empty_batch():
