@@ -36,6 +36,7 @@ run: setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 unit: setup
 	$(PY) -m pytest -q

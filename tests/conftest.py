@@ -42,9 +42,13 @@ def _nan_filled_empty(monkeypatch):
 
     def empty_nan(*args, **kwargs):
         t = original(*args, **kwargs)
-        if t.is_floating_point() and not t.requires_grad:
+        if t.is_floating_point() and not t.requires_grad and t.device.type != "meta":
             t.fill_(float("nan"))
         return t
 
     monkeypatch.setattr(torch, "empty", empty_nan)
     yield
+    monkeypatch.undo()
+    # torch caches its table of factory functions for `with torch.device(...)`; one built while the wrapper
+    # was active would stop meta-device construction from working in later tests.
+    torch.utils._device._device_constructors.cache_clear()

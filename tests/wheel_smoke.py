@@ -13,7 +13,9 @@ import torch
 import agentattn
 
 where = Path(agentattn.__file__).resolve()
-assert Path(sys.prefix).resolve() in where.parents, f"agentattn imported from {where}, not from the wheel's venv"
+assert Path(sys.prefix).resolve() in where.parents, (
+    f"agentattn imported from {where}, not from the wheel's venv"
+)
 for module in pkgutil.walk_packages(agentattn.__path__, "agentattn."):
     if module.name != "agentattn.__main__":
         importlib.import_module(module.name)

@@ -30,8 +30,12 @@ def explicit_biases(layer, grid):
         for a in range(n):
             for y in range(H):
                 for x in range(W):
-                    b1[0, head, a, y * W + x] = an[head, a, y, x] + layer.ah_bias[0, head, a, y, 0] + layer.aw_bias[0, head, a, 0, x]
-                    b2[0, head, y * W + x, a] = na[head, a, y, x] + layer.ha_bias[0, head, y, 0, a] + layer.wa_bias[0, head, 0, x, a]
+                    b1[0, head, a, y * W + x] = (
+                        an[head, a, y, x] + layer.ah_bias[0, head, a, y, 0] + layer.aw_bias[0, head, a, 0, x]
+                    )
+                    b2[0, head, y * W + x, a] = (
+                        na[head, a, y, x] + layer.ha_bias[0, head, y, 0, a] + layer.wa_bias[0, head, 0, x, a]
+                    )
     return b1, b2
 
 
@@ -59,8 +63,14 @@ def test_other_grid_resizes_rowcol_sum_and_block_bias():
     b1, b2 = layer.biases(grid, grid)
     rowcol1 = F.interpolate((layer.ah_bias + layer.aw_bias)[0], size=grid, mode="bilinear")
     e1 = (F.interpolate(layer.an_bias, size=grid, mode="bilinear") + rowcol1).reshape(1, 1, 4, -1)
-    rowcol2 = F.interpolate((layer.ha_bias + layer.wa_bias)[0].permute(0, 3, 1, 2), size=grid, mode="bilinear")
-    e2 = (F.interpolate(layer.na_bias, size=grid, mode="bilinear") + rowcol2).reshape(1, 1, 4, -1).transpose(-1, -2)
+    rowcol2 = F.interpolate(
+        (layer.ha_bias + layer.wa_bias)[0].permute(0, 3, 1, 2), size=grid, mode="bilinear"
+    )
+    e2 = (
+        (F.interpolate(layer.na_bias, size=grid, mode="bilinear") + rowcol2)
+        .reshape(1, 1, 4, -1)
+        .transpose(-1, -2)
+    )
     assert_close_rel(b1, e1, 1e-6, "B1")
     assert_close_rel(b2, e2, 1e-6, "B2")
 
@@ -91,7 +101,9 @@ def test_agent_axis_resampling_is_bilinear_over_the_agent_grid():
     assert_close_rel(b1, want, 1e-6, "agent axis")
 
 
-@pytest.mark.parametrize("n,grid", [(49, (7, 7)), (9, (3, 3)), (12, (3, 4)), (7, (1, 7)), (100, (10, 10)), ((2, 5), (2, 5))])
+@pytest.mark.parametrize(
+    "n,grid", [(49, (7, 7)), (9, (3, 3)), (12, (3, 4)), (7, (1, 7)), (100, (10, 10)), ((2, 5), (2, 5))]
+)
 def test_agent_grid_for(n, grid):
     assert agent_grid_for(n) == grid
 

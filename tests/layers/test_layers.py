@@ -46,7 +46,9 @@ def layer_from_naive(layer: AgentAttention, x: torch.Tensor, grid) -> torch.Tens
     h, d, p = layer.num_heads, layer.head_dim, layer.num_prefix_tokens
     q, k, v = layer.qkv(x).reshape(b, n, 3, c).permute(2, 0, 1, 3)
     q_map = q[:, p:].transpose(1, 2).reshape(b, c, *grid)
-    agents = torch.nn.functional.adaptive_avg_pool2d(q_map, layer.agent_grid).reshape(b, c, -1).transpose(1, 2)
+    agents = (
+        torch.nn.functional.adaptive_avg_pool2d(q_map, layer.agent_grid).reshape(b, c, -1).transpose(1, 2)
+    )
     split = lambda t: t.reshape(b, -1, h, d).transpose(1, 2)  # noqa: E731
     b1, b2 = layer.biases(grid, grid)
     out = naive.agent_attention(split(q), split(k), split(v), split(agents), agent_bias=b1, query_bias=b2)
@@ -112,14 +114,46 @@ def test_empty_batch(layer, x):
 LAYER_ERRORS = [
     (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(17, 16)), ValueError, r"x must be 3-D \(B, N, C\)"),
     (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 8)), ValueError, r"C = dim = 16"),
-    (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 15, 16)), ValueError, r"N = 15 tokens, but grid_size = \(4, 4\)"),
-    (lambda: AgentAttention(16, 2, 4, (4, 4), num_prefix_tokens=1)(torch.randn(2, 16, 16)), ValueError, r"expects N = 1 \+ 4·4 = 17"),
-    (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 20, 16), grid_size=(4, 4)), ValueError, r"grid_size"),
-    (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 16), grid_size=(0, 4)), ValueError, r"grid_size must be"),
-    (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.ones(2, 16, 16, dtype=torch.long)), TypeError, r"floating-point"),
-    (lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 16, dtype=torch.float64)), TypeError, r"x has dtype torch.float64 but the layer's parameters are torch.float32"),
-    (lambda: CSwinAgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 16)), ValueError, r"qkv must be the stacked projection of shape \(3, B, H·W, C\)"),
-    (lambda: CSwinAgentAttention(16, 2, 4, (4, 4))(torch.randn(3, 2, 15, 16)), ValueError, r"qkv has N = 15 tokens"),
+    (
+        lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 15, 16)),
+        ValueError,
+        r"N = 15 tokens, but grid_size = \(4, 4\)",
+    ),
+    (
+        lambda: AgentAttention(16, 2, 4, (4, 4), num_prefix_tokens=1)(torch.randn(2, 16, 16)),
+        ValueError,
+        r"expects N = 1 \+ 4·4 = 17",
+    ),
+    (
+        lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 20, 16), grid_size=(4, 4)),
+        ValueError,
+        r"grid_size",
+    ),
+    (
+        lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 16), grid_size=(0, 4)),
+        ValueError,
+        r"grid_size must be",
+    ),
+    (
+        lambda: AgentAttention(16, 2, 4, (4, 4))(torch.ones(2, 16, 16, dtype=torch.long)),
+        TypeError,
+        r"floating-point",
+    ),
+    (
+        lambda: AgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 16, dtype=torch.float64)),
+        TypeError,
+        r"x has dtype torch.float64 but the layer's parameters are torch.float32",
+    ),
+    (
+        lambda: CSwinAgentAttention(16, 2, 4, (4, 4))(torch.randn(2, 16, 16)),
+        ValueError,
+        r"qkv must be the stacked projection of shape \(3, B, H·W, C\)",
+    ),
+    (
+        lambda: CSwinAgentAttention(16, 2, 4, (4, 4))(torch.randn(3, 2, 15, 16)),
+        ValueError,
+        r"qkv has N = 15 tokens",
+    ),
     (lambda: AgentAttention(15, 2), ValueError, r"dim \(15\) must be divisible by num_heads \(2\)"),
     (lambda: AgentAttention(16, 0), ValueError, r"num_heads must be a positive int"),
     (lambda: AgentAttention(16, 2, 0), ValueError, r"agent_num must be"),

@@ -22,7 +22,12 @@ CASES = json.loads((VECTOR_DIR / "attn" / "index.json").read_text())["cases"]
 
 def build_layer(meta: dict) -> torch.nn.Module:
     kwargs = meta["constructor_kwargs"]
-    common = dict(dim=meta["dim"], num_heads=meta["num_heads"], agent_num=meta["agent_num"], grid_size=tuple(meta["grid"]))
+    common = dict(
+        dim=meta["dim"],
+        num_heads=meta["num_heads"],
+        agent_num=meta["agent_num"],
+        grid_size=tuple(meta["grid"]),
+    )
     family = meta["family"]
     if family == "agent_deit":
         return AgentAttention(**common, num_prefix_tokens=1, qkv_bias=kwargs["qkv_bias"])

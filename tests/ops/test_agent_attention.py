@@ -62,7 +62,11 @@ def test_fast_matches_naive_outputs_and_gradients(b, h, n_q, m, n_agents, d, bia
         q, k, v, agents, b1, b2 = inputs
         fused = agent_attention(q, k, v, agents, agent_bias=b1, query_bias=b2, key_padding_mask=mask)
     assert_close_rel(fused, ref_out, FP32_REL, "output, inference path")
-    names = [n for n, t in zip(["q", "k", "v", "agents", "agent_bias", "query_bias"], inputs, strict=True) if t is not None]
+    names = [
+        n
+        for n, t in zip(["q", "k", "v", "agents", "agent_bias", "query_bias"], inputs, strict=True)
+        if t is not None
+    ]
     for name, got, want in zip(names, grads, ref_grads, strict=True):
         # Judged against the output scale too: with n = 1 the q-gradient is exactly zero in exact arithmetic.
         assert_close_rel(got, want, FP32_REL, f"grad {name}", floor=ref_out.abs().max().item())
@@ -79,7 +83,9 @@ def test_naive_matches_float64_math():
     expected = query_probs @ (agent_probs @ v)
     got = naive.agent_attention(q, k, v, agents, agent_bias=b1, query_bias=b2)
     assert_close_rel(got, expected, 1e-12, "naive fp64")
-    assert_close_rel(agent_attention(q, k, v, agents, agent_bias=b1, query_bias=b2), expected, 1e-12, "fast fp64")
+    assert_close_rel(
+        agent_attention(q, k, v, agents, agent_bias=b1, query_bias=b2), expected, 1e-12, "fast fp64"
+    )
 
 
 def test_custom_scale_and_broadcast_biases():
@@ -105,8 +111,12 @@ def test_key_padding_mask_equals_dropping_the_padded_keys():
     for i in range(3):
         keep = ~mask[i]
         dropped = agent_attention(
-            q[i : i + 1], k[i : i + 1, :, keep], v[i : i + 1, :, keep], agents[i : i + 1],
-            agent_bias=b1[..., keep], query_bias=b2,
+            q[i : i + 1],
+            k[i : i + 1, :, keep],
+            v[i : i + 1, :, keep],
+            agents[i : i + 1],
+            agent_bias=b1[..., keep],
+            query_bias=b2,
         )
         assert_close_rel(out[i : i + 1], dropped, FP32_REL, f"batch {i}")
 
@@ -136,7 +146,9 @@ def test_empty_batch():
 def test_value_dim_may_differ():
     q, k, _, agents, _, _ = make_inputs(1, 2, 10, 12, 4, 8, bias=False)
     v = torch.randn(1, 2, 12, 5)
-    assert_close_rel(agent_attention(q, k, v, agents), naive.agent_attention(q, k, v, agents), FP32_REL, "d_v")
+    assert_close_rel(
+        agent_attention(q, k, v, agents), naive.agent_attention(q, k, v, agents), FP32_REL, "d_v"
+    )
 
 
 def test_dropout_only_in_training():
@@ -170,17 +182,62 @@ def _good():
 
 BAD = [
     ("3-D q", dict(q=torch.randn(2, 10, 8)), ValueError, r"q must be 4-D \(B, H, N, d\)"),
-    ("B mismatch", dict(k=torch.randn(1, 3, 12, 8)), ValueError, r"k must have shape \(B, H, M, d\) = \(2, 3, M, 8\)"),
-    ("H mismatch", dict(agents=torch.randn(2, 2, 4, 8)), ValueError, r"agents must have shape \(B, H, n, d\)"),
+    (
+        "B mismatch",
+        dict(k=torch.randn(1, 3, 12, 8)),
+        ValueError,
+        r"k must have shape \(B, H, M, d\) = \(2, 3, M, 8\)",
+    ),
+    (
+        "H mismatch",
+        dict(agents=torch.randn(2, 2, 4, 8)),
+        ValueError,
+        r"agents must have shape \(B, H, n, d\)",
+    ),
     ("d mismatch", dict(k=torch.randn(2, 3, 12, 4)), ValueError, r"k must have shape"),
-    ("M mismatch", dict(v=torch.randn(2, 3, 11, 8)), ValueError, r"v must have shape \(B, H, M, d_v\) = \(2, 3, 12, d_v\)"),
-    ("agent bias shape", dict(agent_bias=torch.randn(1, 3, 4, 10)), ValueError, r"agent_bias must broadcast to \(B, H, n, M\) = \(2, 3, 4, 12\)"),
-    ("query bias shape", dict(query_bias=torch.randn(3, 12, 4)), ValueError, r"query_bias must broadcast to \(B, H, N, n\) = \(2, 3, 10, 4\)"),
-    ("query bias rank", dict(query_bias=torch.randn(1, 1, 3, 10, 4)), ValueError, r"query_bias must broadcast"),
-    ("mask length", dict(key_padding_mask=torch.zeros(2, 11, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape \(B, M\) = \(2, 12\)"),
+    (
+        "M mismatch",
+        dict(v=torch.randn(2, 3, 11, 8)),
+        ValueError,
+        r"v must have shape \(B, H, M, d_v\) = \(2, 3, 12, d_v\)",
+    ),
+    (
+        "agent bias shape",
+        dict(agent_bias=torch.randn(1, 3, 4, 10)),
+        ValueError,
+        r"agent_bias must broadcast to \(B, H, n, M\) = \(2, 3, 4, 12\)",
+    ),
+    (
+        "query bias shape",
+        dict(query_bias=torch.randn(3, 12, 4)),
+        ValueError,
+        r"query_bias must broadcast to \(B, H, N, n\) = \(2, 3, 10, 4\)",
+    ),
+    (
+        "query bias rank",
+        dict(query_bias=torch.randn(1, 1, 3, 10, 4)),
+        ValueError,
+        r"query_bias must broadcast",
+    ),
+    (
+        "mask length",
+        dict(key_padding_mask=torch.zeros(2, 11, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask must have shape \(B, M\) = \(2, 12\)",
+    ),
     ("mask dtype", dict(key_padding_mask=torch.zeros(2, 12)), TypeError, r"key_padding_mask must be a bool"),
-    ("dtype mix", dict(k=torch.randn(2, 3, 12, 8, dtype=torch.float64)), TypeError, r"k has dtype torch.float64"),
-    ("int input", dict(q=torch.ones(2, 3, 10, 8, dtype=torch.long)), TypeError, r"q must be a floating-point"),
+    (
+        "dtype mix",
+        dict(k=torch.randn(2, 3, 12, 8, dtype=torch.float64)),
+        TypeError,
+        r"k has dtype torch.float64",
+    ),
+    (
+        "int input",
+        dict(q=torch.ones(2, 3, 10, 8, dtype=torch.long)),
+        TypeError,
+        r"q must be a floating-point",
+    ),
     ("no agents", dict(agents=torch.randn(2, 3, 0, 8)), ValueError, r"at least one agent"),
     ("dropout", dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     ("scale", dict(scale=-1.0), ValueError, r"scale must be a positive"),

@@ -48,7 +48,9 @@ def _layers(dim: int, heads: int, agents: int, window: int) -> dict[str, nn.Modu
     official = OfficialAgentAttention(dim, heads, agents, window, num_prefix_tokens=1)
     official.load_state_dict(ours.state_dict(), strict=True)
     softmax = SoftmaxAttention(dim, heads)
-    softmax.load_state_dict({k: v for k, v in ours.state_dict().items() if k.split(".")[0] in ("qkv", "proj")})
+    softmax.load_state_dict(
+        {k: v for k, v in ours.state_dict().items() if k.split(".")[0] in ("qkv", "proj")}
+    )
     return {"agentattn": ours, "official": official, "softmax-sdpa": softmax}
 
 
@@ -89,7 +91,9 @@ def bench_layers(
     return rows
 
 
-def bench_op(tokens: int = 16385, heads: int = 3, head_dim: int = 64, agents: int = 49, budget_s: float = 6.0) -> dict:
+def bench_op(
+    tokens: int = 16385, heads: int = 3, head_dim: int = 64, agents: int = 49, budget_s: float = 6.0
+) -> dict:
     """``agent_attention`` against ``scaled_dot_product_attention`` on the same q, k, v (B = 1, no biases)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, tokens, head_dim) for _ in range(3))
@@ -99,8 +103,15 @@ def bench_op(tokens: int = 16385, heads: int = 3, head_dim: int = 64, agents: in
         pooled = pooled.reshape(1, heads, side * side, head_dim)
         agent_ms = median_ms(lambda: agent_attention(q, k, v, pooled), budget_s=budget_s)
         sdpa_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), warmup=1, budget_s=budget_s)
-    return {"tokens": tokens, "heads": heads, "head_dim": head_dim, "agents": agents,
-            "agent_ms": agent_ms, "sdpa_ms": sdpa_ms, "speedup": sdpa_ms / agent_ms}
+    return {
+        "tokens": tokens,
+        "heads": heads,
+        "head_dim": head_dim,
+        "agents": agents,
+        "agent_ms": agent_ms,
+        "sdpa_ms": sdpa_ms,
+        "speedup": sdpa_ms / agent_ms,
+    }
 
 
 def format_table(rows: list[Row]) -> str:
@@ -116,8 +127,13 @@ def format_table(rows: list[Row]) -> str:
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, nargs="+", default=[197, 3137, 16385], help="token counts N = 1 + side²")
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[197, 3137, 16385], help="token counts N = 1 + side²"
+    )
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--agents", type=int, default=49)
@@ -140,15 +158,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     env = environment()
-    print(f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, fp32, "
-          f"C={args.dim}, heads={args.heads}, agents={args.agents}")
+    print(
+        f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, fp32, "
+        f"C={args.dim}, heads={args.heads}, agents={args.agents}"
+    )
     rows = bench_layers(args.tokens, args.dim, args.heads, args.agents, args.budget)
     print(format_table(rows))
     op = None
     if not args.skip_op:
         op = bench_op(budget_s=args.budget)
-        print(f"\nop, inference, B=1 H={op['heads']} N=M={op['tokens']} d={op['head_dim']} n={op['agents']}, no biases: "
-              f"agent_attention {op['agent_ms']:.2f} ms, SDPA {op['sdpa_ms']:.2f} ms -> {op['speedup']:.1f}x faster")
+        print(
+            f"\nop, inference, B=1 H={op['heads']} N=M={op['tokens']} d={op['head_dim']} n={op['agents']}, no biases: "
+            f"agent_attention {op['agent_ms']:.2f} ms, SDPA {op['sdpa_ms']:.2f} ms -> {op['speedup']:.1f}x faster"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "layers": [asdict(r) for r in rows], "op": op}, f, indent=1)

@@ -16,7 +16,9 @@ from torch import nn
 class OfficialAgentAttention(nn.Module):
     """Official-style agent attention for a square window; x: (B, P + window², C) → same shape."""
 
-    def __init__(self, dim: int, num_heads: int, agent_num: int, window: int, num_prefix_tokens: int = 1) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, agent_num: int, window: int, num_prefix_tokens: int = 1
+    ) -> None:
         super().__init__()
         if num_prefix_tokens not in (0, 1):
             raise ValueError(f"num_prefix_tokens must be 0 (Swin) or 1 (DeiT), got {num_prefix_tokens}")
@@ -51,7 +53,11 @@ class OfficialAgentAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, c).permute(2, 0, 1, 3)
         q, k, v = qkv[0], qkv[1], qkv[2]
 
-        agent_tokens = self.pool(q[:, cls:, :].reshape(b, h, w, c).permute(0, 3, 1, 2)).reshape(b, c, -1).permute(0, 2, 1)
+        agent_tokens = (
+            self.pool(q[:, cls:, :].reshape(b, h, w, c).permute(0, 3, 1, 2))
+            .reshape(b, c, -1)
+            .permute(0, 2, 1)
+        )
         q = q.reshape(b, n, num_heads, head_dim).permute(0, 2, 1, 3)
         k = k.reshape(b, n, num_heads, head_dim).permute(0, 2, 1, 3)
         v = v.reshape(b, n, num_heads, head_dim).permute(0, 2, 1, 3)
@@ -60,7 +66,9 @@ class OfficialAgentAttention(nn.Module):
         kv_size = (self.window, self.window)
         position_bias1 = F.interpolate(self.an_bias, size=kv_size, mode="bilinear")
         position_bias1 = position_bias1.reshape(1, num_heads, self.agent_num, -1).repeat(b, 1, 1, 1)
-        position_bias2 = (self.ah_bias + self.aw_bias).reshape(1, num_heads, self.agent_num, -1).repeat(b, 1, 1, 1)
+        position_bias2 = (
+            (self.ah_bias + self.aw_bias).reshape(1, num_heads, self.agent_num, -1).repeat(b, 1, 1, 1)
+        )
         position_bias = position_bias1 + position_bias2
         if cls:
             position_bias = torch.cat([self.ac_bias.repeat(b, 1, 1, 1), position_bias], dim=-1)
@@ -68,8 +76,12 @@ class OfficialAgentAttention(nn.Module):
         agent_v = agent_attn @ v
 
         agent_bias1 = F.interpolate(self.na_bias, size=kv_size, mode="bilinear")
-        agent_bias1 = agent_bias1.reshape(1, num_heads, self.agent_num, -1).permute(0, 1, 3, 2).repeat(b, 1, 1, 1)
-        agent_bias2 = (self.ha_bias + self.wa_bias).reshape(1, num_heads, -1, self.agent_num).repeat(b, 1, 1, 1)
+        agent_bias1 = (
+            agent_bias1.reshape(1, num_heads, self.agent_num, -1).permute(0, 1, 3, 2).repeat(b, 1, 1, 1)
+        )
+        agent_bias2 = (
+            (self.ha_bias + self.wa_bias).reshape(1, num_heads, -1, self.agent_num).repeat(b, 1, 1, 1)
+        )
         agent_bias = agent_bias1 + agent_bias2
         if cls:
             agent_bias = torch.cat([self.ca_bias.repeat(b, 1, 1, 1), agent_bias], dim=-2)

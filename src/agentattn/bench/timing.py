@@ -7,7 +7,9 @@ import time
 from collections.abc import Callable
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 2, min_reps: int = 3, max_reps: int = 30, budget_s: float = 4.0) -> float:
+def median_ms(
+    fn: Callable[[], object], warmup: int = 2, min_reps: int = 3, max_reps: int = 30, budget_s: float = 4.0
+) -> float:
     """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls.
 
     Runs at least ``min_reps`` and at most ``max_reps`` timed calls, stopping early once ``budget_s`` is spent.

@@ -1,6 +1,8 @@
 """``agentattn``: one entry point with subcommands.
 
-    agentattn bench attention [--tokens 197 3137 16385] [--json FILE]
+agentattn bench attention [--tokens 197 3137 16385] [--json FILE]
+agentattn flops NAME... [--img-size S]
+agentattn convert IN.pth OUT.safetensors [--ema]
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import argparse
 import sys
 
 from ..bench import attention as bench_attention
+from . import convert, flops
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,9 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="bench_kind", required=True)
-    attention = bench_kinds.add_parser("attention", help="agent attention vs the official code and softmax attention")
+    attention = bench_kinds.add_parser(
+        "attention", help="agent attention vs the official code and softmax attention"
+    )
     bench_attention.add_arguments(attention)
     attention.set_defaults(handler=bench_attention.run)
+    flops_parser = commands.add_parser("flops", help="parameters and FLOPs (one multiply-add = one FLOP)")
+    flops.add_arguments(flops_parser)
+    flops_parser.set_defaults(handler=flops.run)
+    convert_parser = commands.add_parser(
+        "convert", help="checkpoint (.pth, loaded safely) -> clean safetensors"
+    )
+    convert.add_arguments(convert_parser)
+    convert_parser.set_defaults(handler=convert.run)
     return parser
 
 

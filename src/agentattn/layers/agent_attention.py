@@ -64,7 +64,9 @@ class AgentAttentionBase(nn.Module):
         self.agent_grid = agent_grid_for(agent_num)
         self.agent_num = self.agent_grid[0] * self.agent_grid[1]
         self.grid_size = to_2tuple_grid("grid_size", grid_size)
-        self.key_grid_size = self.grid_size if key_grid_size is None else to_2tuple_grid("key_grid_size", key_grid_size)
+        self.key_grid_size = (
+            self.grid_size if key_grid_size is None else to_2tuple_grid("key_grid_size", key_grid_size)
+        )
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_drop = attn_drop
         self.learned_agents = learned_agents
@@ -84,7 +86,9 @@ class AgentAttentionBase(nn.Module):
         )
 
     # -- boundary checks ------------------------------------------------------------------------------
-    def _resolve_grid(self, x: torch.Tensor, name: str, grid_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    def _resolve_grid(
+        self, x: torch.Tensor, name: str, grid_size: int | tuple[int, int] | None
+    ) -> tuple[int, int]:
         """Check that ``x`` is (B, P + H·W, C) for the grid; return (H, W)."""
         if x.dim() != 3:
             raise ValueError(f"{name} must be 3-D (B, N, C) with C = {self.dim}, got shape {tuple(x.shape)}")
@@ -111,7 +115,9 @@ class AgentAttentionBase(nn.Module):
         return grid
 
     # -- the shared computation -----------------------------------------------------------------------
-    def biases(self, key_grid: tuple[int, int], query_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def biases(
+        self, key_grid: tuple[int, int], query_grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B1, B2) for these grids: (1, h, n, P + Hk·Wk) and (1, h, P + Hq·Wq, n).
 
         When no gradient is needed (and not under torch.compile), the result is cached per grid until a bias
@@ -120,7 +126,12 @@ class AgentAttentionBase(nn.Module):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.an_bias.requires_grad):
             return agent_biases(self, key_grid, query_grid)
         params = [p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias")]
-        key = (key_grid, query_grid, torch.is_inference_mode_enabled(), tuple((p.data_ptr(), p._version) for p in params))
+        key = (
+            key_grid,
+            query_grid,
+            torch.is_inference_mode_enabled(),
+            tuple((p.data_ptr(), p._version) for p in params),
+        )
         if self._bias_cache is None or self._bias_cache[0] != key:
             self._bias_cache = (key, agent_biases(self, key_grid, query_grid))
         return self._bias_cache[1]
@@ -130,7 +141,9 @@ class AgentAttentionBase(nn.Module):
         batch = q.shape[0]
         if self.learned_agents:
             return self.agent_tokens.to(q.dtype).expand(batch, -1, -1)
-        spatial = q[:, self.num_prefix_tokens :].unflatten(1, query_grid).permute(0, 3, 1, 2)  # channels-last view
+        spatial = (
+            q[:, self.num_prefix_tokens :].unflatten(1, query_grid).permute(0, 3, 1, 2)
+        )  # channels-last view
         pooled = F.adaptive_avg_pool2d(spatial, self.agent_grid)  # (B, C, rows, cols)
         # contiguous: fused SDPA kernels need stride 1 on the last dim, and the pooled map may come out either way.
         return pooled.flatten(2).transpose(1, 2).contiguous()
@@ -139,7 +152,9 @@ class AgentAttentionBase(nn.Module):
         """(B, L, C) → (B, h, L, d), channel = head·d + j as officially."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def local_term(self, v: torch.Tensor, key_grid: tuple[int, int], query_grid: tuple[int, int]) -> torch.Tensor:
+    def local_term(
+        self, v: torch.Tensor, key_grid: tuple[int, int], query_grid: tuple[int, int]
+    ) -> torch.Tensor:
         """Depthwise conv of the value map: (B, P + Hk·Wk, C) → (B, Hq·Wq, C). Subclasses pick the conv."""
         raise NotImplementedError
 

@@ -147,7 +147,9 @@ def agent_biases(
     bias1 = (block1 + rowcol1).reshape(1, heads, num_agents, key_grid[0] * key_grid[1])
 
     # B2: query → agent.
-    block2 = _resize(na_bias, query_grid).reshape(1, heads, num_agents, -1).transpose(-1, -2)  # (1, h, HqWq, n)
+    block2 = (
+        _resize(na_bias, query_grid).reshape(1, heads, num_agents, -1).transpose(-1, -2)
+    )  # (1, h, HqWq, n)
     rowcol2 = ha_bias + wa_bias  # (1, h, Hq0, Wq0, n)
     if built_query_grid != query_grid:
         rowcol2 = _resize(rowcol2[0].permute(0, 3, 1, 2), query_grid).permute(0, 2, 3, 1)

@@ -20,7 +20,12 @@ class SoftmaxAttention(nn.Module):
     """Multi-head softmax attention (timm's ``Attention`` key names: ``qkv``, ``proj``)."""
 
     def __init__(
-        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -73,7 +78,9 @@ class LinearAttention(nn.Module):
             )
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         out = linear_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, channels)
-        v_map = v[:, :, prefix:].transpose(1, 2).reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
+        v_map = (
+            v[:, :, prefix:].transpose(1, 2).reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
+        )
         local = self.dwc(v_map).permute(0, 2, 3, 1).reshape(batch, -1, channels)
         out = torch.cat([out[:, :prefix], out[:, prefix:] + local], dim=1) if prefix else out + local
         return self.proj_drop(self.proj(out))

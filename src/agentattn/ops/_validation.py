@@ -39,19 +39,30 @@ def check_agent_attention_args(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            letters = {"q": "(B, H, N, d)", "k": "(B, H, M, d)", "v": "(B, H, M, d)", "agents": "(B, H, n, d)"}
+            letters = {
+                "q": "(B, H, N, d)",
+                "k": "(B, H, M, d)",
+                "v": "(B, H, M, d)",
+                "agents": "(B, H, n, d)",
+            }
             raise ValueError(f"{name} must be 4-D {letters[name]}, got shape {_shape(t)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; all inputs must share one dtype")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; all inputs must share one dtype"
+            )
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device"
+            )
     batch, heads, num_queries, head_dim = q.shape
     num_keys = k.shape[2]
     num_agents = agents.shape[2]
     if k.shape[:2] != (batch, heads) or k.shape[3] != head_dim:
-        raise ValueError(f"k must have shape (B, H, M, d) = ({batch}, {heads}, M, {head_dim}), got {_shape(k)}")
+        raise ValueError(
+            f"k must have shape (B, H, M, d) = ({batch}, {heads}, M, {head_dim}), got {_shape(k)}"
+        )
     if v.shape[:3] != (batch, heads, num_keys):
         raise ValueError(
             f"v must have shape (B, H, M, d_v) = ({batch}, {heads}, {num_keys}, d_v) to match k, got {_shape(v)}"
@@ -74,7 +85,9 @@ def check_agent_attention_args(
         _check_broadcast("query_bias", query_bias, (batch, heads, num_queries, num_agents), "(B, H, N, n)")
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = padded), got dtype {key_padding_mask.dtype}")
+            raise TypeError(
+                f"key_padding_mask must be a bool tensor (True = padded), got dtype {key_padding_mask.dtype}"
+            )
         if tuple(key_padding_mask.shape) != (batch, num_keys):
             raise ValueError(
                 f"key_padding_mask must have shape (B, M) = ({batch}, {num_keys}), got {_shape(key_padding_mask)}"

@@ -1,0 +1,54 @@
+"""``agentattn convert IN.pth OUT.safetensors [--ema]``: a clean safetensors file from a training checkpoint.
+
+The input is read with the safe loader (no pickled code runs) and unwrapped (``model``, ``state_dict``,
+``state_dict_ema`` with ``--ema``, ``module.`` prefixes); the output holds only the tensors, with metadata
+naming the source file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..models._checkpoint import load_checkpoint, save_safetensors
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` arguments: input, output, ``--ema``."""
+    parser.add_argument(
+        "input", type=Path, help="checkpoint to read (.pth/.pt/.bin torch.save file or .safetensors)"
+    )
+    parser.add_argument("output", type=Path, help="safetensors file to write")
+    parser.add_argument(
+        "--ema", action="store_true", help="take the EMA weights (state_dict_ema / model_ema)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert ``args.input`` to ``args.output``; return 0, or 1 with a message on stderr on failure."""
+    src, dst = Path(args.input), Path(args.output)
+    try:
+        if src.resolve() == dst.resolve():
+            raise ValueError("the output would overwrite the input")
+        if dst.suffix != ".safetensors":
+            raise ValueError(f"the output {dst} should end in .safetensors")
+        state = load_checkpoint(src, use_ema=bool(getattr(args, "ema", False)))
+        metadata = {"format": "pt", "source": src.name, "ema": str(bool(getattr(args, "ema", False))).lower()}
+        save_safetensors(state, dst, metadata=metadata)
+    except (ValueError, OSError) as err:
+        print(f"agentattn convert: error: {err}", file=sys.stderr)
+        return 1
+    numel = sum(t.numel() for t in state.values())
+    print(f"wrote {len(state)} tensors ({numel:,} values) to {dst}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentattn convert", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``agentattn flops NAME... [--img-size S]``: parameters and FLOPs (one multiply-add = one FLOP)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import timm
+
+from ..models._flops import count_flops, count_params
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("names", nargs="+", help="registered model names (e.g. agent_deit_tiny_patch16_224)")
+    parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = []
+    print(f"{'model':36s} {'img':>5s} {'params (M)':>11s} {'GFLOPs':>8s}")
+    for name in args.names:
+        if name not in timm.list_models():
+            raise SystemExit(f"agentattn flops: unknown model {name!r}; see timm.list_models('agent_*')")
+        kwargs = {} if args.img_size is None else {"img_size": args.img_size}
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        input_size = (
+            model.pretrained_cfg["input_size"] if args.img_size is None else (3, args.img_size, args.img_size)
+        )
+        counter = count_flops(model, tuple(input_size))
+        params = count_params(model)
+        print(f"{name:36s} {input_size[-1]:5d} {params / 1e6:11.2f} {counter.total / 1e9:8.2f}")
+        results.append(
+            {
+                "model": name,
+                "img_size": input_size[-1],
+                "params": params,
+                "flops": counter.total,
+                "flops_by_operator": dict(counter.by_operator),
+            }
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0

@@ -1,0 +1,78 @@
+"""What the four model families share: their pretrained cfg, the builder, and the official weight init."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg
+from torch import nn
+
+PRETRAINED_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename")  # timm's _PRETRAINED_SOURCE_KEYS
+
+
+def agent_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
+    """A timm pretrained cfg for an official Agent-Attention classifier (ImageNet-1k, 224² unless overridden).
+
+    The official evaluation resizes the image to a square of int(256/224·S) and centre-crops S (``squash``),
+    bicubic, with ImageNet mean/std. ``custom_load`` routes weight files through the project's safe loader.
+    """
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "crop_mode": "squash",
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": "head",
+        "license": "apache-2.0",
+        "origin_url": "https://github.com/LeapLabTHU/Agent-Attention",
+        "paper_ids": "arXiv:2312.08874",
+        "paper_name": "Agent Attention: On the Integration of Softmax and Linear Attention",
+        "custom_load": True,
+        **kwargs,
+    }
+
+
+def build_agent_model(
+    model_cls: type[nn.Module],
+    variant: str,
+    pretrained: bool,
+    filter_fn: Callable,
+    feature_cfg: dict[str, Any],
+    **kwargs: Any,
+) -> nn.Module:
+    """``build_model_with_cfg`` that keeps the safe loader when the caller overlays a weight source.
+
+    timm resets ``custom_load`` to False when ``pretrained_cfg_overlay`` names a file or URL, and would then read
+    the file with ``torch.load(weights_only=True)``, which refuses official checkpoints (their pickled yacs
+    config). Every source of these models is in the official format, so the overlay keeps ``custom_load=True``
+    unless the caller sets it.
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and any(overlay.get(k) for k in PRETRAINED_SOURCE_KEYS) and "custom_load" not in overlay:
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "custom_load": True}
+    return build_model_with_cfg(
+        model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
+    )
+
+
+def init_official_weights(module: nn.Module) -> None:
+    """The official ``_init_weights``: Linear trunc_normal(0.02) with zero bias, LayerNorm 1/0.
+
+    Convs and the agent biases keep their own init (PyTorch default; trunc_normal 0.02 in the layers).
+    """
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
