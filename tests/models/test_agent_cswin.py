@@ -119,6 +119,14 @@ def test_ema_weights_are_used_when_asked(tmp_path):
     assert torch.equal(model.stage1[0].attns[0].ah_bias, ema["stage1.0.attns.0.ah_bias"])
     model.load_pretrained(str(path))
     assert torch.equal(model.stage1[0].attns[0].ah_bias, official["stage1.0.attns.0.ah_bias"])
+    # Through timm: the in1k_ema tag asks for the EMA weights.
+    via_timm = timm.create_model(
+        "agent_cswin_tiny_224.in1k_ema",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        **reduced_kwargs(),
+    )
+    assert torch.equal(via_timm.stage1[0].attns[0].ah_bias, ema["stage1.0.attns.0.ah_bias"])
 
 
 def test_num_classes_change_reinitialises_the_head():

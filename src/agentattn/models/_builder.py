@@ -41,6 +41,20 @@ def agent_cfg(first_conv: str, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+def with_official_tags(cfgs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Give every model two pretrained tags for the two weight sets an official checkpoint may hold.
+
+    ``NAME.in1k`` (the default) loads the file's ``model`` entry; ``NAME.in1k_ema`` loads ``state_dict_ema``
+    (the CSwin EMA runs save both), e.g. ``timm.create_model("agent_cswin_tiny_224.in1k_ema", pretrained=True,
+    pretrained_cfg_overlay=dict(file=PATH))``.
+    """
+    tagged: dict[str, dict[str, Any]] = {}
+    for name, cfg in cfgs.items():
+        tagged[f"{name}.in1k"] = cfg
+        tagged[f"{name}.in1k_ema"] = cfg
+    return tagged
+
+
 def build_agent_model(
     model_cls: type[nn.Module],
     variant: str,

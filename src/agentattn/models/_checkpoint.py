@@ -732,16 +732,21 @@ def load_pretrained(
     model: nn.Module,
     checkpoint_path: PathLike,
     filter_fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
-    use_ema: bool = False,
+    use_ema: bool | None = None,
     strict: bool = True,
 ) -> None:
     """Load a checkpoint into ``model`` safely (see :func:`load_checkpoint`).
+
+    ``use_ema=None`` follows the model's pretrained tag: ``NAME.in1k_ema`` loads ``state_dict_ema``, so that
+    ``timm.create_model("NAME.in1k_ema", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`` does.
 
     ``filter_fn(state_dict, model)`` adapts the official layout (drops re-created buffers, resamples position
     tables and agent biases). A classifier whose shape differs from the model's (another ``num_classes``) is
     dropped, and the model keeps its freshly initialised head. Any other mismatch raises ValueError listing the
     missing, unexpected and mis-shaped keys; with ``strict=False`` they are skipped with a warning.
     """
+    if use_ema is None:
+        use_ema = str((getattr(model, "pretrained_cfg", None) or {}).get("tag") or "").endswith("ema")
     state = load_checkpoint(checkpoint_path, use_ema=use_ema)
     if filter_fn is not None:
         state = filter_fn(state, model)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..layers import CSwinAgentAttention
 from ..ops import linear_attention
-from ._builder import agent_cfg, build_agent_model, init_official_weights
+from ._builder import agent_cfg, build_agent_model, init_official_weights, with_official_tags
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentCSwinBlock", "AgentCSwinTransformer", "CSwinLinearAttention", "LePEAttention"]
@@ -390,7 +390,7 @@ class AgentCSwinTransformer(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
 
     # -- timm contract ----------------------------------------------------------------------------------
-    def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:
+    def load_pretrained(self, checkpoint_path: str, use_ema: bool | None = None) -> None:
         """Load an official checkpoint (.pth training dict, bare state dict or .safetensors); timm calls this."""
         load_pretrained(self, checkpoint_path, filter_fn=checkpoint_filter_fn, use_ema=use_ema)
 
@@ -556,12 +556,14 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs(
-    {
-        "agent_cswin_tiny_224": _cfg(),
-        "agent_cswin_small_224": _cfg(),
-        "agent_cswin_base_224": _cfg(),
-        "agent_cswin_base_384": _cfg(input_size=(3, 384, 384), pool_size=(12, 12)),
-    }
+    with_official_tags(
+        {
+            "agent_cswin_tiny_224": _cfg(),
+            "agent_cswin_small_224": _cfg(),
+            "agent_cswin_base_224": _cfg(),
+            "agent_cswin_base_384": _cfg(input_size=(3, 384, 384), pool_size=(12, 12)),
+        }
+    )
 )
 
 

@@ -33,7 +33,7 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
-from ._builder import agent_cfg, build_agent_model
+from ._builder import agent_cfg, build_agent_model, with_official_tags
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentDeiT", "AgentDeiTBlock", "checkpoint_filter_fn", "parse_attn_type"]
@@ -264,7 +264,7 @@ class AgentDeiT(VisionTransformer):
         if self.cls_token is not None and kwargs.get("weight_init", "") != "skip":
             trunc_normal_(self.cls_token, std=0.02)  # official init (timm's ViT uses std 1e-6)
 
-    def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:  # type: ignore[override]
+    def load_pretrained(self, checkpoint_path: str, use_ema: bool | None = None) -> None:  # type: ignore[override]
         """Load an official checkpoint (.pth training dict, bare state dict or .safetensors) safely."""
         load_pretrained(self, checkpoint_path, filter_fn=checkpoint_filter_fn, use_ema=use_ema)
 
@@ -391,12 +391,14 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs(
-    {
-        "agent_deit_tiny_patch16_224": _cfg(),
-        "agent_deit_small_patch16_224": _cfg(),
-        "agent_deit_small_patch16_448": _cfg(input_size=(3, 448, 448)),
-        "agent_deit_base_patch16_224": _cfg(),
-    }
+    with_official_tags(
+        {
+            "agent_deit_tiny_patch16_224": _cfg(),
+            "agent_deit_small_patch16_224": _cfg(),
+            "agent_deit_small_patch16_448": _cfg(input_size=(3, 448, 448)),
+            "agent_deit_base_patch16_224": _cfg(),
+        }
+    )
 )
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from ..layers import PVTAgentAttention
 from ..layers.agent_bias import agent_biases, agent_grid_for, to_2tuple_grid
 from ..ops import linear_attention
-from ._builder import agent_cfg, build_agent_model, init_official_weights
+from ._builder import agent_cfg, build_agent_model, init_official_weights, with_official_tags
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentPVT", "PVTAttention", "PVTLinearAttention", "checkpoint_filter_fn"]
@@ -484,7 +484,7 @@ class AgentPVT(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:
+    def load_pretrained(self, checkpoint_path: str, use_ema: bool | None = None) -> None:
         """Load an official checkpoint (.pth training dict, bare state dict or .safetensors) safely."""
         load_pretrained(self, checkpoint_path, filter_fn=checkpoint_filter_fn, use_ema=use_ema)
 
@@ -617,13 +617,15 @@ def _cfg(**kwargs) -> dict:
 
 
 default_cfgs = generate_default_cfgs(
-    {
-        "agent_pvt_tiny_224": _cfg(),
-        "agent_pvt_small_224": _cfg(),
-        "agent_pvt_medium_224": _cfg(),
-        "agent_pvt_medium_256": _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
-        "agent_pvt_large_224": _cfg(),
-    }
+    with_official_tags(
+        {
+            "agent_pvt_tiny_224": _cfg(),
+            "agent_pvt_small_224": _cfg(),
+            "agent_pvt_medium_224": _cfg(),
+            "agent_pvt_medium_256": _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
+            "agent_pvt_large_224": _cfg(),
+        }
+    )
 )
 
 _PVT_ARGS = dict(

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..layers import AgentAttention, LinearAttention
 from ..layers.agent_bias import agent_biases, to_2tuple_grid
-from ._builder import agent_cfg, build_agent_model, init_official_weights
+from ._builder import agent_cfg, build_agent_model, init_official_weights, with_official_tags
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentSwinTransformer", "checkpoint_filter_fn", "parse_attn_type"]
@@ -476,7 +476,7 @@ class AgentSwinTransformer(nn.Module):
             self.set_grad_checkpointing(True)
 
     # -- timm contract --------------------------------------------------------------------------------------
-    def load_pretrained(self, checkpoint_path: str, use_ema: bool = False) -> None:
+    def load_pretrained(self, checkpoint_path: str, use_ema: bool | None = None) -> None:
         """Load an official checkpoint (.pth training dict, bare state dict or .safetensors) safely."""
         load_pretrained(self, checkpoint_path, filter_fn=checkpoint_filter_fn, use_ema=use_ema)
 
@@ -660,14 +660,16 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs(
-    {
-        "agent_swin_tiny_224": _cfg(),
-        "agent_swin_small_224": _cfg(),
-        # TEST.CROP False in the official 288/384 configs: direct resize to S×S.
-        "agent_swin_small_288": _cfg(input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
-        "agent_swin_base_224": _cfg(),
-        "agent_swin_base_384": _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
-    }
+    with_official_tags(
+        {
+            "agent_swin_tiny_224": _cfg(),
+            "agent_swin_small_224": _cfg(),
+            # TEST.CROP False in the official 288/384 configs: direct resize to S×S.
+            "agent_swin_small_288": _cfg(input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
+            "agent_swin_base_224": _cfg(),
+            "agent_swin_base_384": _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+        }
+    )
 )
 
 
