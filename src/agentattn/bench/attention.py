@@ -8,7 +8,7 @@ For each token count N (DeiT-style: one cls token plus a square patch grid) it t
 - ``softmax-sdpa``: multi-head softmax attention through ``scaled_dot_product_attention``, same projections;
 
 forward in eval mode under ``torch.inference_mode``, and forward+backward in train mode, as medians after
-warm-up. Ratios are to agentattn (> 1 means agentattn is faster). It also times the bare op against SDPA on
+warm-up, interleaved over rounds. Ratios are to agentattn (> 1 means agentattn is faster). It also times the bare op against SDPA on
 the same q, k and v.
 """
 
@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,23 +55,48 @@ def _layers(dim: int, heads: int, agents: int, window: int) -> dict[str, nn.Modu
     return {"agentattn": ours, "official": official, "softmax-sdpa": softmax}
 
 
-def _time_layer(layer: nn.Module, x: torch.Tensor, budget_s: float) -> tuple[float, float]:
+def _time_forward(layer: nn.Module, x: torch.Tensor, budget_s: float, warmup: int) -> float:
     layer.eval()
     with torch.inference_mode():
-        fwd = median_ms(lambda: layer(x), budget_s=budget_s)
+        return median_ms(lambda: layer(x), warmup=warmup, min_reps=1, budget_s=budget_s)
+
+
+def _time_forward_backward(layer: nn.Module, x: torch.Tensor, budget_s: float, warmup: int) -> float:
     layer.train()
 
     def step() -> None:
         layer.zero_grad(set_to_none=True)
         layer(x).sum().backward()
 
-    return fwd, median_ms(step, warmup=1, budget_s=budget_s)
+    return median_ms(step, warmup=warmup, min_reps=1, budget_s=budget_s)
+
+
+def _interleaved(
+    layers: dict[str, nn.Module], timer, x: torch.Tensor, budget_s: float, rounds: int
+) -> dict[str, float]:
+    """Median over ``rounds`` rounds, each timing every layer in turn (after one warm-up pass of each), so that a
+    slow spell of a shared machine hits all layers alike instead of whichever happened to run then."""
+    per_layer: dict[str, list[float]] = {name: [] for name in layers}
+    for layer in layers.values():  # warm-up: allocator, kernels, bias caches
+        timer(layer, x, budget_s / rounds, warmup=2)
+    for _ in range(rounds):
+        for name, layer in layers.items():
+            per_layer[name].append(timer(layer, x, budget_s / rounds, warmup=0))
+    return {name: statistics.median(times) for name, times in per_layer.items()}
 
 
 def bench_layers(
-    tokens: list[int], dim: int = 192, heads: int = 3, agents: int = 49, budget_s: float = 4.0
+    tokens: list[int],
+    dim: int = 192,
+    heads: int = 3,
+    agents: int = 49,
+    budget_s: float = 4.0,
+    rounds: int = 5,
 ) -> list[Row]:
-    """Time the three layers at each N = 1 + side² (batch = TOKEN_BUDGET // N, at least 1)."""
+    """Time the three layers at each N = 1 + side² (batch = TOKEN_BUDGET // N, at least 1).
+
+    Each layer gets ``budget_s`` seconds per mode, split over ``rounds`` interleaved rounds.
+    """
     rows: list[Row] = []
     for n_tokens in tokens:
         side = math.isqrt(n_tokens - 1)
@@ -79,10 +105,10 @@ def bench_layers(
         batch = max(1, TOKEN_BUDGET // n_tokens)
         torch.manual_seed(0)
         x = torch.randn(batch, n_tokens, dim)
-        group = []
-        for name, layer in _layers(dim, heads, agents, side).items():
-            fwd, fwd_bwd = _time_layer(layer, x, budget_s)
-            group.append(Row(name, n_tokens, batch, fwd, fwd_bwd))
+        layers = _layers(dim, heads, agents, side)
+        fwd = _interleaved(layers, _time_forward, x, budget_s, rounds)
+        fwd_bwd = _interleaved(layers, _time_forward_backward, x, budget_s, rounds)
+        group = [Row(name, n_tokens, batch, fwd[name], fwd_bwd[name]) for name in layers]
         base = group[0]
         for row in group:
             row.fwd_ratio = row.fwd_ms / base.fwd_ms
