@@ -225,6 +225,11 @@ def test_inference_bias_cache_follows_parameter_changes():
     uncached = layer.biases.__func__  # recompute with autograd on: never cached
     b1, b2 = uncached(layer, (4, 4), (4, 4))
     assert torch.equal(fresh[0], b1) and torch.equal(fresh[1], b2)
+    with torch.inference_mode():
+        before = layer(x)
+    layer.na_bias = torch.nn.Parameter(layer.na_bias.detach() + 1.0)  # replaced, not edited in place
+    with torch.inference_mode():
+        assert not torch.allclose(layer(x), before)
     other = randomise_(AgentAttention(16, 2, 4, (4, 4), num_prefix_tokens=1), std=0.3, seed=5)
     layer.load_state_dict(other.state_dict())
     with torch.inference_mode():

@@ -73,7 +73,7 @@ class AgentAttentionBase(nn.Module):
         init_agent_bias_parameters(
             self, num_heads, self.agent_num, self.key_grid_size, self.grid_size, num_prefix_tokens
         )
-        self._bias_cache: tuple | None = None  # (key, (B1, B2)); see biases()
+        self._bias_cache: tuple | None = None  # (key, bias parameters, (B1, B2)); see biases()
         if learned_agents:
             # Official issue #30: input-independent agents, one C-dim token per agent (split into heads).
             self.agent_tokens = nn.Parameter(torch.zeros(self.agent_num, dim))
@@ -125,16 +125,13 @@ class AgentAttentionBase(nn.Module):
         """
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.an_bias.requires_grad):
             return agent_biases(self, key_grid, query_grid)
-        params = [p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias")]
-        key = (
-            key_grid,
-            query_grid,
-            torch.is_inference_mode_enabled(),
-            tuple((p.data_ptr(), p._version) for p in params),
-        )
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            self._bias_cache = (key, agent_biases(self, key_grid, query_grid))
-        return self._bias_cache[1]
+        params = tuple(p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias"))
+        key = (key_grid, query_grid, torch.is_inference_mode_enabled(), tuple(p._version for p in params))
+        cache = self._bias_cache
+        # Parameters compare by identity: a replaced parameter never hits, even at a reused address.
+        if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], params, strict=True)):
+            self._bias_cache = cache = (key, params, agent_biases(self, key_grid, query_grid))
+        return cache[2]
 
     def make_agents(self, q: torch.Tensor, query_grid: tuple[int, int]) -> torch.Tensor:
         """(B, P + Hq·Wq, C) queries → (B, n, C) agents: average-pooled spatial queries, or learned tokens."""
