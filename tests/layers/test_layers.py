@@ -227,7 +227,7 @@ def test_inference_bias_cache_follows_parameter_changes():
     assert torch.equal(fresh[0], b1) and torch.equal(fresh[1], b2)
     with torch.inference_mode():
         before = layer(x)
-    layer.na_bias = torch.nn.Parameter(layer.na_bias.detach() + 1.0)  # replaced, not edited in place
+    layer.na_bias = torch.nn.Parameter(torch.randn_like(layer.na_bias))  # replaced, not edited in place
     with torch.inference_mode():
         assert not torch.allclose(layer(x), before)
     other = randomise_(AgentAttention(16, 2, 4, (4, 4), num_prefix_tokens=1), std=0.3, seed=5)
