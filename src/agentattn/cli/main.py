@@ -12,6 +12,8 @@ import sys
 
 from ..bench import attention as bench_attention
 from . import convert, flops
+from . import eval as eval_cmd
+from . import train as train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_arguments(convert_parser)
     convert_parser.set_defaults(handler=convert.run)
+    train_parser = commands.add_parser(
+        "train", help="train a model (timm recipe, resumable, DDP via torchrun)"
+    )
+    train_cmd.add_arguments(train_parser)
+    train_parser.set_defaults(handler=train_cmd.run)
+    eval_parser = commands.add_parser(
+        "eval", help="top-1/top-5, confusion matrix and throughput of a checkpoint"
+    )
+    eval_cmd.add_arguments(eval_parser)
+    eval_parser.set_defaults(handler=eval_cmd.run)
     return parser
 
 
