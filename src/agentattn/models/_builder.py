@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import nn
+
+GLOBAL_POOLS = ("avg", "")
 
 PRETRAINED_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename")  # timm's _PRETRAINED_SOURCE_KEYS
 
@@ -90,3 +93,34 @@ def init_official_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def check_global_pool(global_pool: str) -> str:
+    """``'avg'`` (the official mean over tokens) or ``''`` (no pooling in ``forward_head``); ValueError otherwise."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+class LinearHeadMixin:
+    """timm's classifier contract for models with a Linear ``head`` on ``num_features`` pooled channels."""
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier (``head``)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a fresh one for ``num_classes`` (0: identity), with the official init,
+        on the model's device and dtype; optionally change the pooling."""
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
+        self.num_classes = num_classes
+        if num_classes > 0:
+            reference = next(self.parameters())
+            self.head = nn.Linear(
+                self.num_features, num_classes, device=reference.device, dtype=reference.dtype
+            )
+            init_official_weights(self.head)
+        else:
+            self.head = nn.Identity()

@@ -36,7 +36,14 @@ from torch import nn
 
 from ..layers import CSwinAgentAttention
 from ..ops import linear_attention
-from ._builder import agent_cfg, build_agent_model, init_official_weights, with_official_tags
+from ._builder import (
+    LinearHeadMixin,
+    agent_cfg,
+    build_agent_model,
+    check_global_pool,
+    init_official_weights,
+    with_official_tags,
+)
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentCSwinBlock", "AgentCSwinTransformer", "CSwinLinearAttention", "LePEAttention"]
@@ -275,7 +282,7 @@ class MergeBlock(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2)), grid
 
 
-class AgentCSwinTransformer(nn.Module):
+class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
     """Agent-CSwin classifier (official argument names: ``depth``, ``split_size``, ``la_split_size``, ...).
 
     Shape:
@@ -313,8 +320,7 @@ class AgentCSwinTransformer(nn.Module):
             )
         if qk_scale is not None:
             raise ValueError("qk_scale is not supported: the official model always uses head_dim ** -0.5")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_global_pool(global_pool)
         depth = _per_stage(depth, "depth")
         if any(d < 0 for d in depth):
             raise ValueError(f"depth must be non-negative, got {depth!r}")
@@ -412,23 +418,6 @@ class AgentCSwinTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: identity)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-
-    # -- forward ----------------------------------------------------------------------------------------
     def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.stage1_conv_embed[0](x)
         grid = (x.shape[-2], x.shape[-1])

@@ -33,7 +33,14 @@ from torch import nn
 from ..layers import PVTAgentAttention
 from ..layers.agent_bias import agent_biases, agent_grid_for, to_2tuple_grid
 from ..ops import linear_attention
-from ._builder import agent_cfg, build_agent_model, init_official_weights, with_official_tags
+from ._builder import (
+    LinearHeadMixin,
+    agent_cfg,
+    build_agent_model,
+    check_global_pool,
+    init_official_weights,
+    with_official_tags,
+)
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentPVT", "PVTAttention", "PVTLinearAttention", "checkpoint_filter_fn"]
@@ -315,7 +322,7 @@ def _stage_grids(img_size: tuple[int, int], patch_size: int, num_stages: int) ->
 # ---------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------
-class AgentPVT(nn.Module):
+class AgentPVT(LinearHeadMixin, nn.Module):
     """Agent-PVT classifier (official ``PyramidVisionTransformer`` of ``agent_pvt.py``, same parameter names).
 
     Args:
@@ -399,8 +406,7 @@ class AgentPVT(nn.Module):
             ]
         else:
             pool_grids = [None] * num_stages
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_global_pool(global_pool)
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         del qk_scale  # official signature; None in every official config, so the scale is head_dim ** -0.5
@@ -471,18 +477,6 @@ class AgentPVT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def load_pretrained(self, checkpoint_path: str, use_ema: bool | None = None) -> None:
         """Load an official checkpoint (.pth training dict, bare state dict or .safetensors) safely."""

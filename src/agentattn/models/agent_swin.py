@@ -42,7 +42,14 @@ from torch import nn
 
 from ..layers import AgentAttention, LinearAttention
 from ..layers.agent_bias import agent_biases, to_2tuple_grid
-from ._builder import agent_cfg, build_agent_model, init_official_weights, with_official_tags
+from ._builder import (
+    LinearHeadMixin,
+    agent_cfg,
+    build_agent_model,
+    check_global_pool,
+    init_official_weights,
+    with_official_tags,
+)
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentSwinTransformer", "checkpoint_filter_fn", "parse_attn_type"]
@@ -339,7 +346,7 @@ class AgentSwinStage(nn.Module):
         return self.downsample(self.forward_blocks(x))
 
 
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(LinearHeadMixin, nn.Module):
     """Agent-Swin classifier (official layout; timm model contract).
 
     Args:
@@ -398,8 +405,7 @@ class AgentSwinTransformer(nn.Module):
             raise ValueError(f"num_heads must have one entry per stage ({num_stages}), got {num_heads!r}")
         if not isinstance(window_size, int) or window_size < 1:
             raise ValueError(f"window_size must be a positive int, got {window_size!r}")
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_global_pool(global_pool)
         if ape:
             raise ValueError(
                 "ape=True (absolute position embedding) is not supported; no released model uses it"
@@ -504,27 +510,6 @@ class AgentSwinTransformer(nn.Module):
         """Gradient checkpointing of every stage's blocks."""
         for stage in self.layers:
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier (``head``)."""
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for ``num_classes`` (0: identity); optionally change the pooling."""
-        if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        device, dtype = self.patch_embed.proj.weight.device, self.patch_embed.proj.weight.dtype
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=device, dtype=dtype)
-            if num_classes > 0
-            else nn.Identity()
-        )
-        if num_classes > 0:
-            init_official_weights(self.head)
 
     def forward_intermediates(
         self,
