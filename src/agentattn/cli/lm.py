@@ -1,0 +1,292 @@
+"""``agentattn lm {train,eval,sample,compare,bench}``: byte-level language modelling with causal agent attention.
+
+agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--out DIR]
+agentattn lm eval --checkpoint DIR/model.safetensors [--split val|test]
+agentattn lm sample --checkpoint FILE --prompt TEXT [--max-new-tokens N] [--temperature T]
+agentattn lm compare [--data ...] [--out runs/<timestamp>]   (the three twins on one budget, report.md)
+agentattn lm bench [--json FILE]                             (speed figures: layer forward, decode, state size)
+
+Bad input ends with one ``agentattn lm: error: ...`` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..lm.data import ByteCorpus
+from ..lm.model import ATTN_TYPES, AgentLM, AgentLMConfig
+from ..lm.train import LMTrainConfig, evaluate_bpb, train_lm
+
+# The default `compare` budget: sized to finish in <= 20 min on 2 shared CPU cores (see the README section).
+COMPARE_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 256}
+COMPARE_TRAIN = {
+    "steps": 400,
+    "batch_size": 8,
+    "seq_len": 256,
+    "lr": 3e-3,
+    "warmup_steps": 40,
+    "eval_every": 50,
+}
+COMPARE_SPEED_CONTEXTS = [256, 1024, 4096, 8192]
+COMPARE_TIME_BUDGET_MIN = 18.0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    p.add_argument("--d-model", type=int, default=defaults.get("d_model", 128))
+    p.add_argument("--n-layers", type=int, default=defaults.get("n_layers", 4))
+    p.add_argument("--n-heads", type=int, default=defaults.get("n_heads", 4))
+    p.add_argument("--num-agents", type=int, default=16, help="agent tokens per head (agent only)")
+    p.add_argument("--chunk-size", type=int, default=32, help="chunk C: exact window of C..2C tokens (agent)")
+    p.add_argument("--conv-kernel", type=int, default=4, help="causal depthwise conv on V, 0 = off (agent)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    p.add_argument("--data", default="kjv", help="kjv (Debian bible-kjv, default) or textfile:PATH")
+    p.add_argument("--cache-dir", default=None, help="where the extracted KJV text is cached")
+    p.add_argument("--steps", type=int, default=defaults.get("steps", 1000))
+    p.add_argument("--batch-size", type=int, default=defaults.get("batch_size", 16))
+    p.add_argument("--seq-len", type=int, default=defaults.get("seq_len", 256))
+    p.add_argument("--lr", type=float, default=defaults.get("lr", 3e-3))
+    p.add_argument("--warmup-steps", type=int, default=defaults.get("warmup_steps", 50))
+    p.add_argument("--eval-every", type=int, default=defaults.get("eval_every", 100))
+    p.add_argument(
+        "--eval-batches",
+        type=int,
+        default=defaults.get("eval_batches", 8),
+        help="val batches per curve point",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lm_command", required=True)
+
+    p = sub.add_parser("train", help="train one model, report val bits per byte")
+    p.add_argument("--attn", choices=ATTN_TYPES, required=True)
+    _add_model_args(p, {})
+    _add_train_args(p, {})
+    p.add_argument("--out", default=None, help="run directory (default runs/lm/<attn>-<timestamp>)")
+
+    p = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default="kjv")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("sample", help="stream a continuation of a prompt")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("compare", help="train agent / softmax / linear twins on one budget; write a report")
+    _add_model_args(p, COMPARE_MODEL)
+    _add_train_args(p, COMPARE_TRAIN)
+    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--speed-contexts", type=int, nargs="*", default=COMPARE_SPEED_CONTEXTS)
+    p.add_argument("--speed-budget-s", type=float, default=0.5, help="timing budget per speed point")
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=COMPARE_TIME_BUDGET_MIN,
+        help="cap --steps (equally for all twins) so that the run fits in this many minutes; 0 = no cap",
+    )
+
+    p = sub.add_parser("bench", help="speed figures: layer forward, decode latency, state size, crossover")
+    p.add_argument("--layer-contexts", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-layers", type=int, default=4, help="layers of the decode model")
+    p.add_argument("--num-agents", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--conv-kernel", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=2.0, help="timing budget per point")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "d_model": args.d_model,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "num_agents": args.num_agents,
+        "chunk_size": args.chunk_size,
+        "conv_kernel": args.conv_kernel,
+        "max_seq_len": args.seq_len,
+    }
+
+
+def _train_config(args: argparse.Namespace) -> LMTrainConfig:
+    return LMTrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+    )
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = AgentLMConfig(attn_type=args.attn, **_model_kwargs(args))
+    train_cfg = _train_config(args)
+    corpus = ByteCorpus.load(args.data, args.cache_dir, min_split=2)
+    out = Path(args.out) if args.out else Path("runs") / "lm" / f"{args.attn}-{_stamp()}"
+    torch.manual_seed(args.seed)
+    model = AgentLM(cfg)
+    _log(
+        f"{args.attn}: {model.num_params():,} params, data {args.data} ({corpus.train.numel():,} train bytes)"
+    )
+    result = train_lm(model, corpus, train_cfg, out, _log)
+    print(f"val bpb {result['val_bpb']:.4f}  checkpoint {out / 'model.safetensors'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    model = AgentLM.load(args.checkpoint)
+    corpus = ByteCorpus.load(args.data, args.cache_dir)
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len < 1 or seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len must be in [1, {model.config.max_seq_len}], got {seq_len}")
+    bpb = evaluate_bpb(model, corpus.split(args.split), seq_len, args.batch_size, args.max_batches)
+    print(f"{args.split} bpb {bpb:.4f}  ({model.config.attn_type}, {args.data})")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    model = AgentLM.load(args.checkpoint)
+    prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        raise ValueError("--prompt must not be empty")
+    if len(prompt) > model.config.max_seq_len:
+        raise ValueError(
+            f"--prompt has {len(prompt)} bytes, more than max_seq_len = {model.config.max_seq_len}"
+        )
+    idx = torch.tensor([list(prompt)], dtype=torch.long)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+
+    def emit(token: torch.Tensor) -> None:
+        sys.stdout.write(decoder.decode(bytes([int(token[0])])))
+        sys.stdout.flush()
+
+    gen = torch.Generator().manual_seed(args.seed)
+    model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, gen, callback=emit)
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ..lm.compare import run_compare
+
+    corpus = ByteCorpus.load(args.data, args.cache_dir, min_split=2)
+    out = Path(args.out) if args.out else Path("runs") / _stamp()
+    from_cli = sys.argv[1:2] == ["lm"]
+    command = "agentattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if from_cli else ""
+    summary = run_compare(
+        corpus,
+        _model_kwargs(args),
+        _train_config(args),
+        out,
+        args.speed_contexts,
+        log=_log,
+        command=command,
+        speed_budget_s=args.speed_budget_s,
+        time_budget_s=args.time_budget_min * 60 or None,
+    )
+    for t, bpb in summary["val_bpb"].items():
+        print(f"{t:8s} val bpb {bpb:.4f}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ..lm.bench import run_benchmark
+
+    result = run_benchmark(
+        args.layer_contexts, args.decode_contexts, args.d_model, args.n_heads, args.n_layers, args.threads,
+        args.budget_s, num_agents=args.num_agents, chunk_size=args.chunk_size, conv_kernel=args.conv_kernel,
+    )  # fmt: skip
+    for r in result["layer_forward"]:
+        print(f"layer T={r['context']:6d}  agent {r['agent_ms']:9.2f} ms  softmax {r['softmax_ms']:9.2f} ms  "
+              f"linear {r['linear_ms']:9.2f} ms  softmax/agent {r['agent_speedup_vs_softmax']:.2f}x")  # fmt: skip
+    for r in result["decode"]:
+        print(f"decode ctx={r['context']:6d}  agent {r['agent_ms_per_token']:.3f} ms/tok  softmax "
+              f"{r['softmax_ms_per_token']:.3f} ms/tok  linear {r['linear_ms_per_token']:.3f}  agent/softmax "
+              f"{r['agent_latency_ratio_vs_softmax']:.3f}  KV/agent state {r['softmax_kv_over_agent_state']:.1f}x")  # fmt: skip
+    print(f"crossover: layer forward T ~ {result['crossover_context_layer_forward']}, "
+          f"decode context ~ {result['crossover_context_decode']}")  # fmt: skip
+    if args.json:
+        from ..lm.compare import _atomic_write_text
+
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+HANDLERS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "sample": _cmd_sample,
+    "compare": _cmd_compare,
+    "bench": _cmd_bench,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch; return 0, or 1 with one line on stderr for bad input."""
+    try:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        return HANDLERS[args.lm_command](args)
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        print(f"agentattn lm: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("agentattn lm: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentattn lm", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Speed of causal agent attention against causal softmax (SDPA) and linear attention, on CPU, batch 1.
+
+- **Layer forward**: one attention layer (qkv projection, mixer, output projection; the agent layer with its
+  conv) under ``torch.inference_mode`` at context lengths T, with the same d_model and heads.
+- **Decode**: per-token latency of an ``n_layers`` model at a given context: the agent and linear models step
+  their recurrent state; the softmax model appends to a preallocated KV cache and attends over it with SDPA. The
+  context is set up directly in the state (random keys and values), since latency does not depend on content.
+- **State size**: decode state bytes at that context (agent: memory + window ring buffer + conv history,
+  linear: S and z, softmax: the filled KV cache).
+- **Crossover**: the smallest context where the agent layer (or decode step) is faster than softmax, by log-log
+  interpolation between the measured grid points.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ..ops.causal_agent import causal_agent_prefill
+from ..ops.causal_linear import causal_linear_init_state
+from .model import AgentLM, AgentLMConfig, AgentMixerState, KVCache, state_nbytes
+
+
+def _median_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_s: float = 2.0) -> float:
+    """Median ms after ``warmup`` calls: at least ``reps`` calls (1 if one call outlasts the budget), more
+    until ``budget_s`` is spent, at most 50."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 50:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget_s and (len(times) >= reps or times[0] > budget_s / 2):
+            break
+    return statistics.median(times) * 1e3
+
+
+def _mixers(d_model: int, n_heads: int, **agent_kwargs: Any) -> dict[str, torch.nn.Module]:
+    """One layer per attention type, with shared qkv/proj weights."""
+    out = {}
+    for attn_type in ("agent", "softmax", "linear"):
+        cfg = AgentLMConfig(attn_type=attn_type, d_model=d_model, n_heads=n_heads, n_layers=1, **agent_kwargs)
+        out[attn_type] = AgentLM(cfg).blocks[0].attn.eval()
+    shared = {k: v for k, v in out["agent"].state_dict().items() if k.startswith(("qkv", "proj"))}
+    for name in ("softmax", "linear"):
+        out[name].load_state_dict(shared)
+    return out
+
+
+def layer_forward(
+    contexts: list[int], d_model: int = 256, n_heads: int = 4, budget_s: float = 2.0, **agent_kwargs: Any
+) -> list[dict[str, Any]]:
+    """Forward ms of one layer per attention type at each context length (batch 1)."""
+    mixers = _mixers(d_model, n_heads, **agent_kwargs)
+    rows = []
+    with torch.inference_mode():
+        for T in contexts:
+            x = torch.randn(1, T, d_model)
+            row: dict[str, Any] = {"context": T}
+            for name, mixer in mixers.items():
+                row[f"{name}_ms"] = _median_ms(lambda m=mixer, x=x: m(x), reps=3, budget_s=budget_s)
+            row["agent_speedup_vs_softmax"] = row["softmax_ms"] / row["agent_ms"]
+            rows.append(row)
+    return rows
+
+
+def _decode_state(model: AgentLM, context: int) -> list[Any]:
+    """A per-layer decode state holding ``context`` positions of random keys/values."""
+    cfg = model.config
+    hd = cfg.d_model // cfg.n_heads
+    states: list[Any] = []
+    for block in model.blocks:
+        if cfg.attn_type == "softmax":
+            k = torch.randn(1, cfg.n_heads, context + 64, hd)
+            states.append(KVCache(k, torch.randn_like(k), context))
+        elif cfg.attn_type == "linear":
+            st = causal_linear_init_state(1, cfg.n_heads, hd, hd)
+            st.S.normal_().abs_()
+            st.z.uniform_(1.0, 2.0).mul_(context)
+            st.t = context
+            states.append(st)
+        else:
+            mixer = block.attn
+            k = torch.randn(1, cfg.n_heads, context, hd)
+            st = causal_agent_prefill(
+                k, torch.randn_like(k), mixer.agents, mixer.log_decay.exp(), chunk_size=cfg.chunk_size
+            )
+            states.append(AgentMixerState(st, torch.randn(1, cfg.d_model, max(cfg.conv_kernel - 1, 0))))
+    return states
+
+
+def decode(
+    contexts: list[int], n_layers: int = 4, d_model: int = 256, n_heads: int = 4, steps: int = 16,
+    **agent_kwargs: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Per-token decode latency (ms) and state bytes of an ``n_layers`` model per attention type and context."""
+    rows = []
+    models = {
+        t: AgentLM(
+            AgentLMConfig(
+                attn_type=t,
+                n_layers=n_layers,
+                d_model=d_model,
+                n_heads=n_heads,
+                max_seq_len=max(contexts) + steps + 64,
+                **agent_kwargs,
+            )
+        ).eval()
+        for t in ("agent", "softmax", "linear")
+    }
+    for context in contexts:
+        row: dict[str, Any] = {"context": context}
+        for name, model in models.items():
+            token = torch.zeros(1, dtype=torch.long)
+            times = []
+            with torch.inference_mode():
+                states = _decode_state(model, context)
+                row[f"{name}_state_bytes"] = state_nbytes(states)
+                model.step(token, states)  # warm-up
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    model.step(token, states)
+                    times.append(time.perf_counter() - t0)
+            row[f"{name}_ms_per_token"] = statistics.median(times) * 1e3
+        row["agent_latency_ratio_vs_softmax"] = row["agent_ms_per_token"] / row["softmax_ms_per_token"]
+        row["softmax_kv_over_agent_state"] = row["softmax_state_bytes"] / row["agent_state_bytes"]
+        rows.append(row)
+    return rows
+
+
+def crossover(rows: list[dict[str, Any]], agent_key: str, softmax_key: str) -> float | None:
+    """Smallest context where agent time <= softmax time, log-log interpolated; None if never in the grid."""
+    prev = None
+    for row in rows:
+        gap = math.log(row[agent_key]) - math.log(row[softmax_key])  # > 0: agent slower
+        if gap <= 0:
+            if prev is None:
+                return float(row["context"])
+            (c0, g0), c1 = prev, row["context"]
+            frac = g0 / (g0 - gap)
+            return float(math.exp(math.log(c0) + frac * (math.log(c1) - math.log(c0))))
+        prev = (row["context"], gap)
+    return None
+
+
+def run_benchmark(
+    layer_contexts: list[int], decode_contexts: list[int], d_model: int = 256, n_heads: int = 4,
+    n_layers: int = 4, threads: int | None = None, budget_s: float = 2.0, **agent_kwargs: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """All figures in one run; returns a JSON-ready dict."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    agent_cfg = AgentLMConfig(
+        attn_type="agent", d_model=d_model, n_heads=n_heads, n_layers=n_layers, **agent_kwargs
+    )
+    layer_rows = layer_forward(layer_contexts, d_model, n_heads, budget_s, **agent_kwargs)
+    decode_rows = decode(decode_contexts, n_layers, d_model, n_heads, **agent_kwargs)
+    return {
+        "setup": {
+            "d_model": d_model,
+            "n_heads": n_heads,
+            "n_layers_decode": n_layers,
+            "batch": 1,
+            "dtype": "float32",
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "agent_config": {
+                k: v for k, v in asdict(agent_cfg).items() if k in ("num_agents", "chunk_size", "conv_kernel")
+            },
+        },
+        "layer_forward": layer_rows,
+        "decode": decode_rows,
+        "crossover_context_layer_forward": crossover(layer_rows, "agent_ms", "softmax_ms"),
+        "crossover_context_decode": crossover(decode_rows, "agent_ms_per_token", "softmax_ms_per_token"),
+    }

@@ -1,0 +1,466 @@
+"""``AgentLM``: a small GPT-style byte-level decoder whose attention is agent, softmax or linear.
+
+The three ``attn_type`` twins share everything but the attention mixer: embedding, pre-norm blocks (RMSNorm,
+attention, GELU MLP), q/k/v/output projections, init and output head.
+
+Positions: none (NoPE). Causal masking alone carries position (Haviv et al. 2022; Kazemnejad et al. 2023), and a
+rotary embedding would not fit all three twins alike: it breaks the positive feature map of linear attention and
+the fixed agent tokens of the agent memory. Each mixer keeps only its own built-in positional prior: the agent layer
+its per-agent recency decay and its causal depthwise conv on V (the 1-D analogue of the paper's DWC).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.causal_agent import (
+    CausalAgentState,
+    causal_agent_attention,
+    causal_agent_prefill,
+    causal_agent_step,
+)
+from ..ops.causal_linear import (
+    CausalLinearState,
+    causal_linear_attention,
+    causal_linear_prefill,
+    causal_linear_step,
+)
+
+ATTN_TYPES = ("agent", "softmax", "linear")
+
+
+@dataclass
+class AgentLMConfig:
+    """Model hyper-parameters; every field but ``attn_type`` has a working default.
+
+    attn_type: "agent" (causal agent attention), "softmax" (SDPA, is_causal) or "linear" (elu+1).
+    num_agents, chunk_size, conv_kernel: agent attention only (n agents, chunk C: exact window C..2C tokens,
+    causal depthwise conv on V with this kernel, 0 = off).
+    """
+
+    attn_type: str
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    num_agents: int = 16
+    chunk_size: int = 32
+    conv_kernel: int = 4
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.attn_type not in ATTN_TYPES:
+            raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "num_agents",
+            "chunk_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be >= 0, got {self.conv_kernel}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AgentLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown AgentLMConfig fields: {unknown}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention mixers: forward(x) for training, prefill(x) -> (y, state) and step(x_t, state) for decoding
+
+
+class _Mixer(nn.Module):
+    def __init__(self, cfg: AgentLMConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
+
+    def _merge(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, T, hd = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * hd)
+
+
+@dataclass
+class KVCache:
+    """Softmax decoding state: k, v (B, H, capacity, hd), of which the first t positions are filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    t: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part (what the cache holds at context t)."""
+        return 2 * self.k[:, :, : self.t].numel() * self.k.element_size()
+
+
+class SoftmaxMixer(_Mixer):
+    """Multi-head causal softmax attention through SDPA; decodes with a KV cache."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self.proj(self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+
+    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
+        q, k, v = self._heads(x)
+        B, H, T, hd = k.shape
+        cache = KVCache(k.new_zeros(B, H, max(capacity, T), hd), v.new_zeros(B, H, max(capacity, T), hd), T)
+        cache.k[:, :, :T], cache.v[:, :, :T] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(self._merge(y)), cache
+
+    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        if cache.t >= cache.k.shape[2]:
+            raise ValueError(f"KV cache is full ({cache.k.shape[2]} positions)")
+        cache.k[:, :, cache.t], cache.v[:, :, cache.t] = k[:, :, 0], v[:, :, 0]
+        cache.t += 1
+        y = F.scaled_dot_product_attention(q, cache.k[:, :, : cache.t], cache.v[:, :, : cache.t])
+        return self.proj(self._merge(y))
+
+
+class LinearMixer(_Mixer):
+    """Causal elu+1 linear attention (Katharopoulos et al., 2020); decodes with a (hd × hd + hd) state per head."""
+
+    def __init__(self, cfg: AgentLMConfig) -> None:
+        super().__init__(cfg)
+        self.chunk_size = cfg.chunk_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self.proj(self._merge(causal_linear_attention(q, k, v, chunk_size=self.chunk_size)))
+
+    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, CausalLinearState]:
+        q, k, v = self._heads(x)
+        y = causal_linear_attention(q, k, v, chunk_size=self.chunk_size)
+        return self.proj(self._merge(y)), causal_linear_prefill(k, v)
+
+    def step(self, x: torch.Tensor, state: CausalLinearState) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        return self.proj(self._merge(causal_linear_step(q, k, v, state)))
+
+
+@dataclass
+class AgentMixerState:
+    attn: CausalAgentState
+    conv: torch.Tensor  # (B, d_model, K - 1): the last K - 1 value vectors, for the causal conv
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.attn.tensors(), self.conv]
+
+    def nbytes(self) -> int:
+        return self.attn.nbytes() + self.conv.numel() * self.conv.element_size()
+
+
+class AgentMixer(_Mixer):
+    """Causal agent attention (:mod:`agentattn.ops.causal_agent`) plus a causal depthwise Conv1d on V.
+
+    Parameters beyond the twins': ``agents`` (H, n, hd), ``log_decay`` (H, n) with λ = exp(log_decay) log-spaced
+    from 1/2 to 1/2^10 per token at init (agents watch different time scales), ``agent_bias`` (H, n) and ``dwc``.
+    """
+
+    def __init__(self, cfg: AgentLMConfig) -> None:
+        super().__init__(cfg)
+        self.chunk_size = cfg.chunk_size
+        n = cfg.num_agents
+        self.agents = nn.Parameter(torch.randn(cfg.n_heads, n, self.head_dim) * self.head_dim**-0.5)
+        rates = torch.logspace(-1, -10, n, base=2.0) if n > 1 else torch.tensor([2.0**-5])
+        self.log_decay = nn.Parameter(rates.log().repeat(cfg.n_heads, 1))
+        self.agent_bias = nn.Parameter(torch.zeros(cfg.n_heads, n))
+        self.conv_kernel = cfg.conv_kernel
+        self.dwc = (
+            nn.Conv1d(cfg.d_model, cfg.d_model, cfg.conv_kernel, groups=cfg.d_model)
+            if cfg.conv_kernel
+            else None
+        )
+
+    def _conv(self, v_seq: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal depthwise conv over time: v_seq (B, T, C), history (B, C, K - 1) of earlier values or zeros."""
+        x = v_seq.transpose(1, 2)  # (B, C, T)
+        x = F.pad(x, (self.conv_kernel - 1, 0)) if history is None else torch.cat([history, x], dim=-1)
+        return self.dwc(x).transpose(1, 2)
+
+    def _attend_args(self) -> dict[str, torch.Tensor]:
+        return {"decay": self.log_decay.exp(), "agent_bias": self.agent_bias}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        agents = self.agents.to(q.dtype)
+        y = self._merge(
+            causal_agent_attention(q, k, v, agents, **self._attend_args(), chunk_size=self.chunk_size)
+        )
+        if self.dwc is not None:
+            y = y + self._conv(self._merge(v))
+        return self.proj(y)
+
+    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, AgentMixerState]:
+        q, k, v = self._heads(x)
+        agents, decay = self.agents.to(q.dtype), self.log_decay.exp()
+        y = self._merge(
+            causal_agent_attention(q, k, v, agents, decay, self.agent_bias, chunk_size=self.chunk_size)
+        )
+        v_seq = self._merge(v)
+        if self.dwc is not None:
+            y = y + self._conv(v_seq)
+        keep = max(self.conv_kernel - 1, 0)
+        hist = F.pad(v_seq.transpose(1, 2), (keep, 0))[
+            :, :, v_seq.shape[1] :
+        ]  # last K - 1 values, zero-padded
+        state = causal_agent_prefill(k, v, agents, decay, chunk_size=self.chunk_size)
+        return self.proj(y), AgentMixerState(state, hist.contiguous())
+
+    def step(self, x: torch.Tensor, state: AgentMixerState) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        y = self._merge(
+            causal_agent_step(q, k, v, self.agents.to(q.dtype), state.attn, **self._attend_args())
+        )
+        v_t = self._merge(v)  # (B, 1, C)
+        if self.dwc is not None:
+            y = y + self._conv(v_t, state.conv)
+            state.conv = torch.cat([state.conv, v_t.transpose(1, 2)], dim=-1)[:, :, 1:]
+        return self.proj(y)
+
+
+MIXERS: dict[str, type[_Mixer]] = {"agent": AgentMixer, "softmax": SoftmaxMixer, "linear": LinearMixer}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: AgentLMConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = MIXERS[cfg.attn_type](cfg)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, hidden, bias=False),
+            nn.GELU(),
+            nn.Linear(hidden, cfg.d_model, bias=False),
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, Any]:
+        y, state = self.attn.prefill(self.norm1(x), capacity)
+        x = x + y
+        return x + self.mlp(self.norm2(x)), state
+
+    def step(self, x: torch.Tensor, state: Any) -> torch.Tensor:
+        x = x + self.attn.step(self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
+
+
+def state_nbytes(state: list[Any]) -> int:
+    """Bytes held by a decoding state (per layer: agent memory + window, linear S/z, or the filled KV cache)."""
+    return sum(layer.nbytes() for layer in state)
+
+
+class AgentLM(nn.Module):
+    """GPT-style byte-level language model; ``forward(idx)`` (B, T) int64 → logits (B, T, vocab_size).
+
+    Decoding: :meth:`prefill` runs the parallel form over a prompt and returns the per-layer state (agent: memory
+    + ring buffer, linear: S/z, softmax: KV cache); :meth:`step` feeds one token. :meth:`generate` uses both.
+    """
+
+    def __init__(self, cfg: AgentLMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        init_seed = int(
+            torch.randint(0, 2**62, (1,)).item()
+        )  # drawn first: shared weights match across twins
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_weights(init_seed)
+
+    def _init_weights(self, seed: int) -> None:
+        # GPT-2: N(0, 0.02) for linears and embeddings, residual output projections scaled by 1/sqrt(2·layers).
+        # Drawn from one generator seeded by torch's RNG, in name order, skipping mixer-specific parameters, so
+        # that twins built after the same torch.manual_seed start from identical shared weights.
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith(("qkv.weight", "mlp.0.weight", "lm_head.weight", "tok_emb.weight")):
+                std = 0.02
+            elif name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                std = 0.02 / math.sqrt(2 * self.config.n_layers)
+            else:
+                continue
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_idx(self, idx: torch.Tensor, what: str = "idx") -> None:
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype != torch.long:
+            raise TypeError(f"{what} must be int64 (torch.long) token ids, got dtype {idx.dtype}")
+        if idx.dim() != 2:
+            raise ValueError(f"{what} must have shape (B, T), got {tuple(idx.shape)}")
+        device = self.tok_emb.weight.device
+        if idx.device != device:
+            raise ValueError(f"{what} is on {idx.device} but the model is on {device}; move one of them")
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"{what} has {idx.shape[1]} tokens, more than max_seq_len = {self.config.max_seq_len}"
+            )
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise ValueError(f"{what} holds token ids outside [0, {self.config.vocab_size})")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) int64, T <= max_seq_len → logits (B, T, vocab_size)."""
+        self._check_idx(idx)
+        x = self.drop(self.tok_emb(idx))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.norm_f(x))
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, list[Any]]:
+        """Read a prompt (B, T) in parallel → (logits of the last position (B, vocab), per-layer state).
+
+        ``capacity`` sizes the softmax KV cache (default max_seq_len); the other states have a fixed size.
+        """
+        self._check_idx(idx, "prompt")
+        if idx.shape[1] == 0:
+            raise ValueError("prompt must hold at least one token")
+        capacity = self.config.max_seq_len if capacity is None else capacity
+        x = self.tok_emb(idx)
+        states = []
+        for block in self.blocks:
+            x, state = block.prefill(x, capacity)
+            states.append(state)
+        return self.lm_head(self.norm_f(x[:, -1])), states
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, states: list[Any]) -> torch.Tensor:
+        """Feed one token (B,) int64 → logits (B, vocab) of the next; updates ``states`` in place."""
+        x = self.tok_emb(token)[:, None]  # (B, 1, C)
+        for block, state in zip(self.blocks, states, strict=True):
+            x = block.step(x, state)
+        return self.lm_head(self.norm_f(x[:, 0]))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        callback: Any = None,
+    ) -> torch.Tensor:
+        """Continue idx (B, T) by ``max_new_tokens`` tokens → (B, T + max_new_tokens). Greedy at temperature 0.
+
+        Agent and linear models decode with their recurrent state and can run past max_seq_len; the softmax
+        model uses a KV cache and, once max_seq_len is reached, re-reads the last max_seq_len tokens per step
+        (nanoGPT's cropping). ``callback(token (B,))`` is called for every new token (for streaming).
+        """
+        self._check_idx(idx, "prompt")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens == 0:
+            return idx
+        was_training = self.training
+        self.eval()
+        max_len = self.config.max_seq_len
+        capacity = min(idx.shape[1] + max_new_tokens, max_len)
+        logits, states = self.prefill(idx, capacity)
+        out = [idx]
+        for i in range(max_new_tokens):
+            token = self._sample(logits, temperature, top_k, generator)
+            out.append(token[:, None])
+            if callback is not None:
+                callback(token)
+            if i == max_new_tokens - 1:
+                break
+            if self.config.attn_type == "softmax" and states[0].t >= max_len:
+                logits, states = self.prefill(torch.cat(out, dim=1)[:, -max_len:], max_len)
+            else:
+                logits = self.step(token, states)
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        if temperature == 0.0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+
+    # -- safetensors I/O -----------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
+        """Write weights + config (JSON in the safetensors metadata) atomically."""
+        from ..models._checkpoint import save_safetensors
+
+        meta = {"format": "agentattn.lm", "config": json.dumps(asdict(self.config))}
+        meta.update(extra_metadata or {})
+        save_safetensors(self.state_dict(), path, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> AgentLM:
+        """Rebuild a model written by :meth:`save` (strict key and shape check)."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        if meta.get("format") != "agentattn.lm" or "config" not in meta:
+            raise ValueError(f"{path} is not an agentattn LM checkpoint (no 'config' metadata)")
+        model = cls(AgentLMConfig.from_dict(json.loads(meta["config"])))
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)

@@ -1,0 +1,176 @@
+"""Training and evaluation of :class:`~agentattn.lm.model.AgentLM` in bits per byte.
+
+AdamW, linear warm-up then cosine decay to 10 %, gradient clipping at 1.0, random windows of the train split.
+The token budget is ``steps × batch_size × seq_len``, the same for every twin of a comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import ByteCorpus, eval_windows, random_batch
+from .model import AgentLM
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class LMTrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8  # batches of the val split for the curve; the final eval reads the whole split
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    def lr_at(self, step: int) -> float:
+        warmup = min(
+            self.warmup_steps, max(1, self.steps // 5)
+        )  # short runs keep 80 % of steps after warm-up
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def evaluate_bpb(
+    model: AgentLM, tokens: torch.Tensor, seq_len: int, batch_size: int = 16, max_batches: int | None = None
+) -> float:
+    """Bits per byte over non-overlapping windows of ``tokens`` (all of them unless ``max_batches``)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = eval_windows(tokens, min(seq_len, model.config.max_seq_len))
+    total_nats, total_bytes = 0.0, 0
+    # group windows of equal length (all but maybe the last) into batches
+    groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for x, y in windows:
+        groups.setdefault(x.numel(), []).append((x, y))
+    batches = 0
+    for items in groups.values():
+        for i in range(0, len(items), batch_size):
+            if max_batches is not None and batches >= max_batches:
+                break
+            x = torch.stack([a for a, _ in items[i : i + batch_size]]).to(device)
+            y = torch.stack([b for _, b in items[i : i + batch_size]]).to(device)
+            logits = model(x).float()
+            total_nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            total_bytes += y.numel()
+            batches += 1
+    model.train(was_training)
+    if total_bytes == 0:
+        raise ValueError("nothing to evaluate: the split is shorter than 2 bytes")
+    return total_nats / total_bytes / LN2
+
+
+def train_lm(
+    model: AgentLM,
+    corpus: ByteCorpus,
+    cfg: LMTrainConfig,
+    out_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train ``model`` in place; return the history and final val bpb. Writes ``metrics.jsonl`` and
+    ``model.safetensors`` under ``out_dir`` when given."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = next(model.parameters()).device
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "agents" not in name else no_decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    out = Path(out_dir) if out_dir is not None else None
+    metrics_file = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(out / "metrics.jsonl", "w")  # closed in the finally below
+    history: list[dict[str, float]] = []
+    model.train()
+    start = time.perf_counter()
+    try:
+        for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, gen)
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            row: dict[str, float] = {
+                "step": step + 1,
+                "tokens": (step + 1) * cfg.batch_size * x.shape[1],
+                "train_bpb": loss.item() / LN2,
+                "lr": cfg.lr_at(step),
+                "time_s": time.perf_counter() - start,
+            }
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                row["val_bpb"] = evaluate_bpb(
+                    model, corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches
+                )
+                if log is not None:
+                    log(
+                        f"step {step + 1}/{cfg.steps}  train {row['train_bpb']:.3f} bpb  "
+                        f"val~ {row['val_bpb']:.3f} bpb  {row['time_s']:.0f}s"
+                    )
+            history.append(row)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+    train_time = time.perf_counter() - start
+    val_bpb = evaluate_bpb(model, corpus.val, cfg.seq_len, batch_size=32)  # whole split; bigger batches
+    result = {
+        "attn_type": model.config.attn_type,
+        "params": model.num_params(),
+        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "train_time_s": train_time,
+        "val_bpb": val_bpb,
+        "history": history,
+        "train_config": asdict(cfg),
+        "model_config": asdict(model.config),
+    }
+    if out is not None:
+        model.save(out / "model.safetensors", {"val_bpb": f"{val_bpb:.6f}", "data": corpus.source})
+        (out / "result.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2)
+        )
+    if log is not None:
+        log(
+            f"{model.config.attn_type}: val {val_bpb:.4f} bpb ({train_time:.0f}s, {model.num_params():,} params)"
+        )
+    return result

@@ -1,0 +1,446 @@
+"""Causal agent attention for autoregressive language modelling (design 2 of causal-agent-attention.md).
+
+The sequence is cut into chunks of ``C`` tokens; ``c(t) = t // C`` is the chunk of position t. Per head:
+
+- **Exact window.** Query t attends with plain softmax to the keys of its own chunk up to t and to the whole
+  previous chunk: ``L(t) = {j <= t : c(j) >= c(t) - 1}`` (between C and 2C keys, never fewer than
+  ``min(t + 1, C)``).
+- **Agent memory.** Everything older, ``Mem(t) = {j : c(j) <= c(t) - 2}``, is summarised by ``n`` learned agent
+  tokens ``a_i``. Agent i pools the old values with a softmax over the old keys, normalised over that prefix, with
+  a per-agent recency prior (decay ``λ_i >= 0``): ``M_i(t) = Σ_{j∈Mem(t)} softmax_j(s·a_i·k_j - λ_i·(t - j)) v_j``.
+- **One read.** Query t takes a single softmax over the agents (logits ``s·q_t·a_i + b_i``, only once the memory
+  is non-empty) and the window keys (``s·q_t·k_j``), and mixes ``M_i(t)`` and ``v_j`` with it.
+
+So the weights are ``σ(Q Aᵀ)·σ(A Kᵀ)`` of agent attention for the far past (agents as keys on the read side and as
+queries on the write side, as in the paper) plus exact softmax attention for the last one to two chunks.
+
+Three implementations, tested against each other:
+
+- :func:`naive_causal_agent_attention`: builds the (B, H, T, T) weight matrix with explicit masks, O(T²).
+- :func:`causal_agent_attention`: chunked parallel form for training, O(T·(2C + n)·d); the largest temporaries are
+  (B, H, T, 2C + n), never T×T. The memory is a running (max m, sum S, normaliser z) per agent, scanned over chunks.
+- :func:`causal_agent_step` with :func:`causal_agent_init_state` / :func:`causal_agent_prefill`: the recurrent form
+  for decoding. The state is the agent memory (n×(d_v + 2) per head) plus a ring buffer of the last 2C keys and
+  values: its size is fixed by (n, C, d), not by the sequence length, and there is no growing KV cache.
+
+Numerics: half-precision inputs are computed in float32 and cast back; every exponent is taken relative to a
+running maximum (log-sum-exp form), so scaled-up bf16/fp16 inputs give neither inf nor NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CausalAgentState",
+    "causal_agent_attention",
+    "causal_agent_init_state",
+    "causal_agent_prefill",
+    "causal_agent_step",
+    "naive_causal_agent_attention",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    decay: torch.Tensor | None,
+    agent_bias: torch.Tensor | None,
+    chunk_size: int,
+    scale: float | None,
+) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, T, d), got shape {tuple(t.shape)}")
+    for name, t in (
+        ("q", q),
+        ("k", k),
+        ("v", v),
+        ("agents", agents),
+        ("decay", decay),
+        ("agent_bias", agent_bias),
+    ):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device"
+            )
+    for name, t in (("k", k), ("v", v), ("agents", agents)):
+        if t.dtype != q.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; q, k, v and agents must match"
+            )
+    batch, heads, tokens, head_dim = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q (B, H, T, d) = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != (batch, heads, tokens):
+        raise ValueError(
+            f"v must have shape (B, H, T, d_v) = ({batch}, {heads}, {tokens}, d_v), got {tuple(v.shape)}"
+        )
+    if agents.dim() != 3 or agents.shape[0] != heads or agents.shape[2] != head_dim or agents.shape[1] < 1:
+        raise ValueError(
+            f"agents must have shape (H, n, d) = ({heads}, n>=1, {head_dim}), got {tuple(agents.shape)}"
+        )
+    num_agents = agents.shape[1]
+    for name, t in (("decay", decay), ("agent_bias", agent_bias)):
+        if t is not None and tuple(t.shape) != (heads, num_agents):
+            raise ValueError(f"{name} must have shape (H, n) = ({heads}, {num_agents}), got {tuple(t.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale}")
+
+
+def naive_causal_agent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    agent_bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference: the full (B, H, T, T) causal weight matrix, then ``W @ v``. O(T²·n) memory; for tests.
+
+    Args:
+        q, k: (B, H, T, d). v: (B, H, T, d_v). agents: (H, n, d) learned agent tokens.
+        decay: (H, n) recency rates λ >= 0 of the agent memory (None: 0). agent_bias: (H, n) read bias (None: 0).
+        chunk_size: C; the exact window is the current chunk up to t plus the previous chunk.
+        scale: logit scale s (None: d^-0.5).
+    Returns:
+        (B, H, T, d_v) in the dtype of q.
+    """
+    _check_args(q, k, v, agents, decay, agent_bias, chunk_size, scale)
+    out_dtype, cd = q.dtype, _compute_dtype(q.dtype)
+    q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
+    tokens, head_dim = q.shape[2], q.shape[3]
+    s = head_dim**-0.5 if scale is None else scale
+    pos = torch.arange(tokens, device=q.device)
+    chunk = pos // chunk_size
+    mem = chunk[None, :] <= chunk[:, None] - 2  # (T, T) [t, j]: j is in the agents' memory at time t
+    local = (chunk[None, :] >= chunk[:, None] - 1) & (pos[None, :] <= pos[:, None])  # exact window
+    has_mem = mem.any(-1)  # (T,)
+    # write: agent i over keys j, normalised over Mem(t), with recency prior -λ_i (t - j)
+    write = s * torch.einsum("bhjd,hnd->bhnj", k, agents)  # (B, H, n, T)
+    write = write[:, :, :, None, :].expand(-1, -1, -1, tokens, -1)  # (B, H, n, T, T) [.., t, j]
+    if decay is not None:
+        lag = (pos[:, None] - pos[None, :]).to(cd)  # (T, T)
+        write = write - decay.to(cd)[None, :, :, None, None] * lag
+    write = write.masked_fill(~mem, float("-inf"))
+    omega = torch.softmax(write, dim=-1).masked_fill(~has_mem[:, None], 0.0)  # rows without memory are NaN
+    # read: one softmax over [agents | window keys]
+    read = s * torch.einsum("bhtd,hnd->bhtn", q, agents)  # (B, H, T, n)
+    if agent_bias is not None:
+        read = read + agent_bias.to(cd)[None, :, None, :]
+    read = read.masked_fill(~has_mem[:, None], float("-inf"))
+    scores = (s * q @ k.transpose(-2, -1)).masked_fill(~local, float("-inf"))  # (B, H, T, T)
+    probs = torch.softmax(torch.cat([read, scores], dim=-1), dim=-1)
+    n = agents.shape[1]
+    weights = probs[..., n:] + torch.einsum("bhtn,bhntj->bhtj", probs[..., :n], omega)  # (B, H, T, T)
+    return (weights @ v).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared pieces of the chunked and the recurrent form
+
+
+def _chunk_summaries(
+    kc: torch.Tensor, vc: torch.Tensor, agents: torch.Tensor, decay: torch.Tensor | None, s: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per chunk and agent: max logit μ, Σ exp(u - μ) v and Σ exp(u - μ), with u relative to the chunk's end.
+
+    kc: (B, H, N, C, d), vc: (B, H, N, C, d_v) → μ (B, H, N, n), S (B, H, N, n, d_v), z (B, H, N, n).
+    """
+    size = kc.shape[3]
+    u = s * torch.einsum("bhcjd,hnd->bhcnj", kc, agents)  # (B, H, N, n, C)
+    if decay is not None:
+        lag = torch.arange(size - 1, -1, -1, device=kc.device, dtype=kc.dtype)  # distance to the chunk's end
+        u = u - decay[None, :, None, :, None] * lag
+    mu = u.amax(dim=-1).detach()  # the stabiliser cancels in S/z, so it needs no gradient
+    p = torch.exp(u - mu[..., None])
+    return mu, p @ vc, p.sum(dim=-1)
+
+
+def _fold(
+    m: torch.Tensor | None,
+    S: torch.Tensor | None,
+    z: torch.Tensor | None,
+    mu: torch.Tensor,
+    S_hat: torch.Tensor,
+    z_hat: torch.Tensor,
+    step_decay: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Add one chunk (μ, Ŝ, ẑ) to the memory (m, S, z): decay the old part by exp(-λC), rescale to the new max."""
+    if m is None:
+        return mu, S_hat, z_hat
+    old = m if step_decay is None else m - step_decay
+    m_new = torch.maximum(old, mu).detach()
+    a, b = torch.exp(old - m_new), torch.exp(mu - m_new)  # one of them is 1, so z stays >= 1
+    return m_new, a[..., None] * S + b[..., None] * S_hat, a * z + b * z_hat
+
+
+def _memory_readouts(
+    kc: torch.Tensor, vc: torch.Tensor, agents: torch.Tensor, decay: torch.Tensor | None, s: float, C: int
+) -> torch.Tensor:
+    """Memory readout S/z after each of the chunks kc (B, H, N, C, d), vc (B, H, N, C, d_v) → (B, H, N, n, d_v).
+
+    The running max obeys m_c = max(m_{c-1} - λC, μ_c), i.e. m_c = cummax_c'(μ_c' + λC·c') - λC·c, so it is
+    computed in one pass. With it, [S | z] (z as an extra column) follows acc_c = a_c·acc_{c-1} + b_c·aug_c with
+    a_c = exp(m_{c-1} - λC - m_c) <= 1 and b_c = exp(μ_c - m_c) <= 1 known up front: one fused op per chunk. Any
+    rounding in m cancels exactly in S/z (the same m_c scales S_c and z_c).
+    """
+    dv, N = vc.shape[-1], kc.shape[2]
+    mu, S_hat, z_hat = _chunk_summaries(kc, vc, agents, decay, s)  # mu (B, H, N, n)
+    if decay is None:
+        m = torch.cummax(mu, dim=2).values
+        log_a = m[:, :, :-1] - m[:, :, 1:]
+    else:
+        ramp = (decay * C)[None, :, None, :] * torch.arange(N, device=kc.device, dtype=kc.dtype)[:, None]
+        m = (torch.cummax(mu + ramp.detach(), dim=2).values - ramp.detach()).detach()
+        log_a = m[:, :, :-1] - decay[None, :, None, :] * C - m[:, :, 1:]
+    a = torch.exp(log_a)[..., None]  # (B, H, N - 1, n, 1)
+    b_aug = (
+        torch.cat([S_hat, z_hat[..., None]], dim=-1) * torch.exp(mu - m)[..., None]
+    )  # (B, H, N, n, dv + 1)
+    acc = b_aug[:, :, 0]
+    outs = [acc]
+    for c in range(1, N):
+        acc = torch.addcmul(b_aug[:, :, c], acc, a[:, :, c - 1])
+        outs.append(acc)
+    total = torch.stack(outs, dim=2)
+    return total[..., :dv] / total[..., dv:]  # z >= 1: the largest term of the sums is exp(0)
+
+
+def causal_agent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    agent_bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Chunked parallel causal agent attention (training path). Same arguments and result as the naive form.
+
+    Cost O(T·(2C + n)·d) time, O(T·(2C + n)) extra memory: no T×T matrix is built.
+
+    Args:
+        q, k: (B, H, T, d). v: (B, H, T, d_v). agents: (H, n, d). decay, agent_bias: (H, n) or None.
+    Returns:
+        (B, H, T, d_v) in the dtype of q.
+    """
+    _check_args(q, k, v, agents, decay, agent_bias, chunk_size, scale)
+    out_dtype, cd = q.dtype, _compute_dtype(q.dtype)
+    q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
+    decay = None if decay is None else decay.to(cd)
+    B, H, T, d = q.shape
+    dv, n, C = v.shape[-1], agents.shape[1], chunk_size
+    s = d**-0.5 if scale is None else scale
+    N = math.ceil(T / C)
+    pad = N * C - T  # padding at the end is only ever seen by padded queries
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    kc, vc = k.view(B, H, N, C, d), v.view(B, H, N, C, dv)
+
+    # One softmax per query over three parts, normalised jointly without concatenating them:
+    # n agents (values: memory readouts over chunks <= c - 2) | the previous chunk | the current chunk (causal).
+    qs = (q * s).view(B, H, N, C, d)
+    mem = q.new_zeros(B, H, N, n, dv)
+    if N > 2:
+        mem = torch.cat(
+            [mem[:, :, :2], _memory_readouts(kc[:, :, : N - 2], vc[:, :, : N - 2], agents, decay, s, C)], 2
+        )
+    s_agent = qs @ agents.transpose(-2, -1)[None, :, None]  # (B, H, N, C, n)
+    if agent_bias is not None:
+        s_agent = s_agent + agent_bias.to(cd)[None, :, None, None, :]
+    s_agent[:, :, :2] = float("-inf")  # no memory before chunk 2 (in place: matmul/add keep no output)
+    i = torch.arange(C, device=q.device)
+    s_cur = qs @ kc.transpose(-2, -1)  # (B, H, N, C, C)
+    s_cur.masked_fill_(i[None, :] > i[:, None], float("-inf"))
+    m = torch.maximum(s_agent.amax(-1), s_cur.amax(-1)).detach()  # (B, H, N, C); finite: the diagonal
+    p_agent = torch.exp(s_agent - m[..., None])
+    p_cur = torch.exp(s_cur - m[..., None])
+    den = p_agent.sum(-1) + p_cur.sum(-1)
+    num = p_agent @ mem + p_cur @ vc  # (B, H, N, C, dv)
+    if N > 1:  # chunks >= 1 also see the whole previous chunk
+        s_prev = qs[:, :, 1:] @ kc[:, :, :-1].transpose(-2, -1)  # (B, H, N - 1, C, C)
+        m_new = torch.maximum(m[:, :, 1:], s_prev.amax(-1)).detach()
+        rescale = torch.exp(m[:, :, 1:] - m_new)
+        p_prev = torch.exp(s_prev - m_new[..., None])
+        den[:, :, 1:].mul_(rescale).add_(p_prev.sum(-1))  # in place: rescale carries no gradient
+        num[:, :, 1:].mul_(rescale[..., None]).add_(p_prev @ vc[:, :, :-1])
+    out = num / den[..., None]  # (B, H, N, C, dv)
+    return out.reshape(B, H, N * C, dv)[:, :, :T].to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recurrent form
+
+
+@dataclass
+class CausalAgentState:
+    """Decoding state of one causal agent-attention layer; its size depends on (B, H, n, C, d), not on T.
+
+    m, z: (B, H, n) memory max and normaliser; S: (B, H, n, d_v) memory sum; readout: S / z, cached (it only
+    changes when a chunk is folded in); ``has_memory`` is False until the first chunk has left the window. k_buf (B, H, 2C, d), v_buf (B, H, 2C, d_v): ring buffer of the window, slot
+    ``p % 2C`` holds position p; ``slot_pos`` (2C,) the position in each slot (-1: empty). t: tokens seen.
+    """
+
+    m: torch.Tensor
+    S: torch.Tensor
+    z: torch.Tensor
+    readout: torch.Tensor
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
+    slot_pos: torch.Tensor
+    chunk_size: int
+    t: int = 0
+    has_memory: bool = False
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.m, self.S, self.z, self.readout, self.k_buf, self.v_buf, self.slot_pos]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def causal_agent_init_state(
+    batch: int, heads: int, num_agents: int, head_dim: int, value_dim: int, chunk_size: int,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+) -> CausalAgentState:  # fmt: skip
+    """Empty state (no token seen). ``dtype`` is the input dtype; half types keep a float32 state."""
+    cd = _compute_dtype(dtype)
+    C2 = 2 * chunk_size
+    return CausalAgentState(
+        m=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
+        S=torch.zeros(batch, heads, num_agents, value_dim, device=device, dtype=cd),
+        z=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
+        readout=torch.zeros(batch, heads, num_agents, value_dim, device=device, dtype=cd),
+        k_buf=torch.zeros(batch, heads, C2, head_dim, device=device, dtype=cd),
+        v_buf=torch.zeros(batch, heads, C2, value_dim, device=device, dtype=cd),
+        slot_pos=torch.full((C2,), -1, device=device, dtype=torch.long),
+        chunk_size=chunk_size,
+    )
+
+
+def _fold_into_state(
+    state: CausalAgentState, kc: torch.Tensor, vc: torch.Tensor, agents: torch.Tensor,
+    decay: torch.Tensor | None, s: float,
+) -> None:  # fmt: skip
+    """Fold whole chunks kc (B, H, N, C, d), vc (B, H, N, C, d_v) into the memory, oldest first."""
+    mu, S_hat, z_hat = _chunk_summaries(kc, vc, agents, decay, s)
+    step_decay = None if decay is None else decay * state.chunk_size
+    m, S, z = (state.m, state.S, state.z) if state.has_memory else (None, None, None)
+    for c in range(kc.shape[2]):
+        m, S, z = _fold(m, S, z, mu[:, :, c], S_hat[:, :, c], z_hat[:, :, c], step_decay)
+    state.m, state.S, state.z, state.has_memory = m, S, z, True
+    state.readout = S / z[..., None]
+
+
+@torch.no_grad()
+def causal_agent_prefill(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> CausalAgentState:
+    """The state after reading k, v (B, H, T, d / d_v) in one go: equal to T calls of :func:`causal_agent_step`."""
+    _check_args(k, k, v, agents, decay, None, chunk_size, scale)
+    cd = _compute_dtype(k.dtype)
+    k, v, agents = k.to(cd), v.to(cd), agents.to(cd)
+    decay = None if decay is None else decay.to(cd)
+    B, H, T, d = k.shape
+    C = chunk_size
+    s = d**-0.5 if scale is None else scale
+    state = causal_agent_init_state(B, H, agents.shape[1], d, v.shape[-1], C, k.device, cd)
+    if T == 0:
+        return state
+    last_chunk = (T - 1) // C
+    if last_chunk >= 2:  # chunks <= last_chunk - 2 have left the window
+        end = (last_chunk - 1) * C
+        state_k = k[:, :, :end].reshape(B, H, last_chunk - 1, C, d)
+        state_v = v[:, :, :end].reshape(B, H, last_chunk - 1, C, v.shape[-1])
+        _fold_into_state(state, state_k, state_v, agents, decay, s)
+    pos = torch.arange(max(last_chunk - 1, 0) * C, T, device=k.device)
+    slots = pos % (2 * C)
+    state.k_buf[:, :, slots] = k[:, :, pos]
+    state.v_buf[:, :, slots] = v[:, :, pos]
+    state.slot_pos[slots] = pos
+    state.t = T
+    return state
+
+
+@torch.no_grad()
+def causal_agent_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    state: CausalAgentState,
+    decay: torch.Tensor | None = None,
+    agent_bias: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """One decoding step: q, k (B, H, 1, d), v (B, H, 1, d_v) at position ``state.t`` → (B, H, 1, d_v).
+
+    Updates ``state`` in place (ring-buffer write, and a chunk fold when a chunk leaves the window).
+    """
+    _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
+    if q.shape[2] != 1:
+        raise ValueError(f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}")
+    if state.k_buf.shape[:2] != q.shape[:2] or state.k_buf.device != q.device:
+        raise ValueError(
+            f"state was made for (B, H) = {tuple(state.k_buf.shape[:2])} on {state.k_buf.device}, "
+            f"got q {tuple(q.shape[:2])} on {q.device}"
+        )
+    out_dtype, cd = q.dtype, state.k_buf.dtype
+    q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
+    decay = None if decay is None else decay.to(cd)
+    C, t, n, d = state.chunk_size, state.t, agents.shape[1], q.shape[-1]
+    s = d**-0.5 if scale is None else scale
+    c = t // C
+    if t % C == 0 and c >= 2:  # chunk c - 2 leaves the window: fold it into the memory
+        half = ((c - 2) % 2) * C
+        kc = state.k_buf[:, :, half : half + C].unsqueeze(2)
+        vc = state.v_buf[:, :, half : half + C].unsqueeze(2)
+        _fold_into_state(state, kc, vc, agents, decay, s)
+    slot = t % (2 * C)
+    state.k_buf[:, :, slot] = k[:, :, 0]
+    state.v_buf[:, :, slot] = v[:, :, 0]
+    state.slot_pos[slot] = t
+    valid = (state.slot_pos >= 0) & (state.slot_pos >= (c - 1) * C)  # (2C,)
+    read = s * torch.einsum("bhid,hnd->bhin", q, agents)  # (B, H, 1, n)
+    if agent_bias is not None:
+        read = read + agent_bias.to(cd)[None, :, None, :]
+    if not state.has_memory:
+        read = torch.full_like(read, float("-inf"))
+    scores = (s * q @ state.k_buf.transpose(-2, -1)).masked_fill(~valid, float("-inf"))  # (B, H, 1, 2C)
+    probs = torch.softmax(torch.cat([read, scores], dim=-1), dim=-1)
+    out = probs[..., n:] @ state.v_buf
+    if state.has_memory:
+        out = out + probs[..., :n] @ state.readout
+    state.t = t + 1
+    return out.to(out_dtype)

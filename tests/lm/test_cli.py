@@ -1,0 +1,134 @@
+"""``agentattn lm``: train / eval / sample / compare / bench smoke runs on a tiny text file, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agentattn.cli.main import main
+
+TINY_MODEL = [
+    "--d-model",
+    "32",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--num-agents",
+    "4",
+    "--chunk-size",
+    "8",
+]
+TINY_TRAIN = [
+    "--steps",
+    "3",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "2",
+    "--eval-batches",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def textfile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "text.txt"
+    verse = "And God said, Let there be light: and there was light. "
+    path.write_text(verse * 80 + "Ünïcödé ✓\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(textfile, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    rc = main(["lm", "train", "--attn", "agent", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN,
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    return out / "model.safetensors"
+
+
+def test_train_writes_checkpoint_and_metrics(checkpoint, capsys):
+    assert checkpoint.is_file()
+    rows = [json.loads(line) for line in (checkpoint.parent / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "val_bpb" in rows[-1]
+
+
+def test_eval_reports_bpb(checkpoint, textfile, capsys):
+    assert (
+        main(
+            [
+                "lm",
+                "eval",
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                f"textfile:{textfile}",
+                "--split",
+                "test",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("test bpb ")
+    assert 0 < float(out.split()[2]) < 10
+
+
+def test_sample_streams_text(checkpoint, capsys):
+    rc = main(["lm", "sample", "--checkpoint", str(checkpoint), "--prompt", "And God", "--max-new-tokens", "12",
+               "--temperature", "0"])  # fmt: skip
+    assert rc == 0
+    assert capsys.readouterr().out.startswith("And God")
+
+
+def test_compare_writes_report(textfile, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(["lm", "compare", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN, "--speed-contexts", "16",
+               "--speed-budget-s", "0.01", "--time-budget-min", "0.5", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    report = (out / "report.md").read_text()
+    for name in ("agent", "softmax", "linear"):
+        assert f"| {name} |" in report
+        assert (out / name / "model.safetensors").is_file()
+    assert (out / "loss_curves.png").stat().st_size > 0 and (out / "speed_vs_context.png").stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(set(results["tokens"].values())) == 1  # the same token budget for every twin
+    assert results["param_max_deviation"] <= 0.02
+    assert results["train_config"]["steps"] == 1 and "capped from 3 to 1" in report  # the time budget bites
+
+
+def test_bench_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = main(["lm", "bench", "--layer-contexts", "16", "64", "--decode-contexts", "8", "40", "--d-model", "32",
+               "--n-heads", "2", "--n-layers", "1", "--chunk-size", "8", "--num-agents", "4", "--budget-s", "0.01",
+               "--json", str(path)])  # fmt: skip
+    assert rc == 0
+    result = json.loads(path.read_text())
+    assert [r["context"] for r in result["layer_forward"]] == [16, 64]
+    decode = result["decode"][-1]
+    assert decode["softmax_state_bytes"] == 2 * 1 * 40 * 32 * 4  # K and V, 1 layer, 40 positions, fp32
+    assert result["decode"][0]["agent_state_bytes"] == decode["agent_state_bytes"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["lm", "train", "--attn", "agent", "--data", "textfile:/nonexistent.txt"], "does not exist"),
+        (["lm", "train", "--attn", "agent", "--data", "wiki"], "'kjv' or 'textfile:PATH'"),
+        (["lm", "eval", "--checkpoint", "/nonexistent.safetensors"], "does not exist"),
+        (["lm", "train", "--attn", "softmax", "--d-model", "30", "--n-heads", "4"], "divisible by n_heads"),
+    ],
+)
+def test_errors_are_one_line(argv, match, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("agentattn lm: error: ") and match in err and err.count("\n") == 1
+
+
+def test_sample_prompt_too_long(checkpoint, capsys):
+    assert main(["lm", "sample", "--checkpoint", str(checkpoint), "--prompt", "x" * 33]) == 1
+    assert "more than max_seq_len = 32" in capsys.readouterr().err

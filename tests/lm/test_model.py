@@ -1,0 +1,172 @@
+"""AgentLM: shapes, twins' parity, decoding against the parallel forward, generate, causality, I/O, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agentattn.lm import ATTN_TYPES, AgentLM, AgentLMConfig, state_nbytes
+from tests.conftest import assert_close_rel
+
+
+def _tiny(attn_type: str, **kw) -> AgentLM:
+    cfg = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, num_agents=4, chunk_size=8)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    model = AgentLM(AgentLMConfig(attn_type=attn_type, **cfg)).eval()
+    # make the agent prior non-trivial (random decay and read bias), as after training
+    for name, p in model.named_parameters():
+        if name.endswith(("agent_bias", "log_decay")):
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_config_defaults_and_validation():
+    cfg = AgentLMConfig(attn_type="agent")
+    assert cfg.vocab_size == 256 and cfg.d_model > 0 and cfg.max_seq_len > 0
+    with pytest.raises(TypeError):
+        AgentLMConfig()  # attn_type has no default
+    with pytest.raises(ValueError, match="attn_type must be one of"):
+        AgentLMConfig(attn_type="flash")
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        AgentLMConfig(attn_type="softmax", d_model=30, n_heads=4)
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_forward_shape(attn_type):
+    model = _tiny(attn_type)
+    logits = model(torch.randint(0, 256, (2, 19)))
+    assert logits.shape == (2, 19, 256) and logits.dtype == torch.float32
+
+
+def test_twins_have_equal_params_and_shared_init():
+    models = {}
+    for t in ATTN_TYPES:
+        torch.manual_seed(3)
+        models[t] = AgentLM(AgentLMConfig(attn_type=t))
+    params = {t: m.num_params() for t, m in models.items()}
+    assert params["softmax"] == params["linear"]
+    assert abs(params["agent"] - params["softmax"]) / params["softmax"] <= 0.02
+    soft = models["softmax"].state_dict()
+    for t in ("agent", "linear"):
+        other = models[t].state_dict()
+        assert all(torch.equal(soft[k], other[k]) for k in soft), f"{t} twin starts from other shared weights"
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+@pytest.mark.parametrize("prompt_len", [1, 19])
+def test_decode_matches_parallel_forward(attn_type, prompt_len):
+    model = _tiny(attn_type)
+    idx = torch.randint(0, 256, (2, 38))
+    with torch.no_grad():
+        ref = model(idx)  # (B, T, V)
+        logits, states = model.prefill(idx[:, :prompt_len], capacity=38)
+        outs = [logits]
+        for t in range(prompt_len, 38):
+            outs.append(model.step(idx[:, t], states))
+    got = torch.stack(outs, dim=1)  # logits for positions prompt_len - 1 .. 49
+    assert_close_rel(got, ref[:, prompt_len - 1 :], 1e-5, f"{attn_type} decode vs parallel")
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_greedy_generate_equals_repeated_argmax(attn_type):
+    model = _tiny(attn_type, max_seq_len=48)
+    prompt = torch.randint(0, 256, (2, 9))
+    out = model.generate(prompt, max_new_tokens=24, temperature=0.0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(24):
+            nxt = model(seq)[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_softmax_generate_past_max_seq_len_crops_context():
+    model = _tiny("softmax", max_seq_len=16)
+    prompt = torch.randint(0, 256, (1, 10))
+    out = model.generate(prompt, max_new_tokens=12)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq[:, -16:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_streams_and_samples():
+    model = _tiny("agent")
+    seen = []
+    gen = torch.Generator().manual_seed(0)
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=1.0, top_k=5, generator=gen,
+                         callback=lambda tok: seen.append(int(tok[0])))  # fmt: skip
+    assert out.shape == (1, 8) and seen == out[0, 3:].tolist()
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_model_causality_bit_identical(attn_type):
+    model = _tiny(attn_type)
+    idx = torch.randint(0, 256, (2, 40))
+    idx2 = idx.clone()
+    idx2[:, 21:] = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        a, b = model(idx), model(idx2)
+    assert torch.equal(a[:, :21], b[:, :21])
+
+
+@pytest.mark.parametrize("attn_type", ["agent", "linear"])
+def test_decode_state_size_does_not_depend_on_length(attn_type):
+    model = _tiny(attn_type, max_seq_len=200)
+    sizes = set()
+    for T in (3, 40, 200):
+        _, states = model.prefill(torch.randint(0, 256, (1, T)))
+        model.step(torch.zeros(1, dtype=torch.long), states)
+        sizes.add(state_nbytes(states))
+    assert len(sizes) == 1
+    _, kv_short = _tiny("softmax", max_seq_len=200).prefill(torch.randint(0, 256, (1, 3)))
+    _, kv_long = _tiny("softmax", max_seq_len=200).prefill(torch.randint(0, 256, (1, 200)))
+    assert state_nbytes(kv_long) > state_nbytes(kv_short)  # the KV cache does grow
+
+
+@pytest.mark.parametrize("attn_type", ATTN_TYPES)
+def test_save_load_roundtrip(attn_type, tmp_path):
+    model = _tiny(attn_type)
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    loaded = AgentLM.load(path).eval()
+    assert loaded.config == model.config
+    idx = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded(idx))
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an agentattn LM checkpoint"):
+        AgentLM.load(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        AgentLM.load(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError):
+        AgentLM.load(tmp_path / "missing.safetensors")
+
+
+def test_bad_input():
+    model = _tiny("agent", max_seq_len=16)
+    with pytest.raises(ValueError, match="more than max_seq_len = 16"):
+        model.generate(torch.zeros(1, 17, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="more than max_seq_len = 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"int64 \(torch.long\)"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(TypeError, match=r"int64 \(torch.long\)"):
+        model.generate(torch.zeros(1, 4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="is on meta but the model is on cpu"):
+        model(torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"shape \(B, T\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"outside \[0, 256\)"):
+        model(torch.full((1, 4), 256))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.prefill(torch.zeros(1, 0, dtype=torch.long))
