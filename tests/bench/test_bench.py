@@ -1,0 +1,144 @@
+"""The benchmarks run at tiny sizes and write their JSON, plots and report. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agentattn.bench import attention, report
+from agentattn.cli.main import main
+
+TINY = ["--tokens", "17", "--agents", "4", "--dim", "32", "--heads", "2", "--batch", "17=2"]
+
+
+@pytest.fixture(scope="module")
+def attention_json(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path, png = out / "attention.json", out / "attention.png"
+    argv = ["bench", "attention", *TINY, "--budget", "0.05", "--rounds", "1", "--peak-size", "128"]
+    argv += ["--memory", "inprocess"]  # the fresh-process path is tested on one case below
+    assert main([*argv, "--json", str(path), "--plot", str(png)]) == 0
+    return path, png
+
+
+def test_attention_sweep_writes_every_case(attention_json):
+    path, png = attention_json
+    result = json.loads(path.read_text())
+    assert result["kind"] == "attention" and result["command"].startswith("agentattn bench attention")
+    assert {r["case"] for r in result["layers"]} == set(attention.CASES)
+    for row in result["layers"]:
+        assert row["tokens"] == 17 and row["batch"] == 2 and row["fwd_flops"] > 0
+        for mode in attention.MODES:
+            res = row["modes"][mode]
+            assert res["ms"] > 0 and res["peak_mb"] >= 0, (row["case"], mode, res)
+    base = next(r for r in result["layers"] if r["case"] == "agentattn")
+    assert base["modes"]["fwd"]["ratio"] == 1.0
+    assert result["matmul_peak"]["gflops_per_s"] > 0
+    assert 0 < result["op"][0]["fraction_of_peak"]
+    assert png.stat().st_size > 0
+
+
+def test_cases_share_weights_and_agree_with_official():
+    import torch
+
+    ours = attention.build_case("agentattn", 32, 2, 4, 4).eval()
+    official = attention.build_case("official", 32, 2, 4, 4).eval()
+    softmax = attention.build_case("softmax-sdpa", 32, 2, 4, 4)
+    assert torch.equal(ours.qkv.weight, softmax.qkv.weight)
+    x = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=0, atol=1e-5)
+
+
+def test_case_over_memory_limit_is_marked_not_run():
+    rows = attention.bench_sweep(
+        [17], ["softmax-explicit"], 32, 2, 4, budget_s=0.05, rounds=1, mem_limit_gb=0.0, log=lambda s: None
+    )
+    assert all(res["status"] == "oom" for res in rows[0]["modes"].values())
+
+
+def test_fresh_process_measures_peak_memory():
+    spec = {"case": "agentattn", "tokens": 17, "batch": 2, "dim": 32, "heads": 2, "agents": 4, "threads": 1}
+    result = attention.measure_in_subprocess({**spec, "modes": ["fwd", "fwd_bwd"]}, timeout_s=120)
+    for mode in attention.MODES:
+        assert result[mode]["cold_ms"] > 0 and result[mode]["peak_mb"] >= 0, result
+
+
+def test_case_over_time_limit_is_marked_timeout():
+    spec = {"case": "agentattn", "tokens": 17, "batch": 2, "dim": 32, "heads": 2, "agents": 4, "threads": 1}
+    result = attention.measure_in_subprocess({**spec, "modes": ["fwd"]}, timeout_s=0.01)
+    assert result["fwd"]["status"] == "timeout"
+
+
+def test_crossover_interpolates_in_log_space():
+    def row(case, n, ms):
+        return {"case": case, "tokens": n, "modes": {"fwd": {"ms": ms}}}
+
+    rows = [row("agentattn", 100, 2.0), row("softmax-sdpa", 100, 1.0)]
+    rows += [row("agentattn", 10000, 1.0), row("softmax-sdpa", 10000, 2.0)]
+    assert attention.crossover(rows, "fwd") == pytest.approx(1000.0)
+    assert attention.crossover(rows[:2], "fwd") is None
+
+
+def test_bad_tokens_is_a_one_line_error(capsys):
+    assert main(["bench", "attention", "--tokens", "18"]) == 2
+    assert "1 + a square" in capsys.readouterr().err
+
+
+def test_model_bench_and_report(tmp_path, attention_json):
+    model_json = tmp_path / "model.json"
+    names = ["deit_tiny_patch16_224", "agent_deit_tiny_patch16_224"]
+    argv = ["bench", "model", *names, "--img-size", "32", "--batch", "2", "--rounds", "1"]
+    assert main([*argv, "--json", str(model_json)]) == 0
+    result = json.loads(model_json.read_text())
+    assert result["kind"] == "model" and len(result["models"]) == 2
+    agent = next(r for r in result["models"] if r["model"] == names[1])
+    assert agent["gflops"] > 0 and agent["modes"]["infer"]["img_per_s"] > 0
+    assert agent["modes"]["train"]["vs_counterpart"] > 0
+
+    section = tmp_path / "sd.json"
+    section.write_text(
+        json.dumps(
+            {
+                "kind": "section",
+                "title": "Stable Diffusion",
+                "command": "agentattn bench sd",
+                "tables": [{"caption": "UNet", "columns": ["model", "s"], "rows": [["sd15", 1.5]]}],
+                "goals": [{"goal": "faster", "value": "2×", "met": True}],
+            }
+        )
+    )
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["bench", "report", "--attention", str(attention_json[0]), "--model", str(model_json)]
+    assert (
+        main([*argv, "--section", str(section), "--output", str(out), "--figures", str(tmp_path / "fig")])
+        == 0
+    )
+    text = out.read_text()
+    for needle in (
+        "## Attention layers",
+        "## Whole models",
+        "## Stable Diffusion",
+        "| sd15 | 1.5 |",
+        "### Goals",
+    ):
+        assert needle in text
+    assert "Do not edit by hand" in text and (tmp_path / "fig" / "attention.png").exists()
+    # Goal rows only judge configurations that were measured: the tiny sweep leaves them "not measured".
+    assert "DeiT-T block" in text and "not measured" in text
+
+
+def test_report_goals_from_a_sweep():
+    def row(case, n, b, **modes):
+        return {"case": case, "tokens": n, "batch": b, "modes": modes}
+
+    result = {
+        "config": {"dim": 192, "heads": 3, "agents": 49},
+        "layers": [
+            row("agentattn", 197, 64, fwd={"ms": 1.0, "ratio": 1.0}, fwd_bwd={"ms": 1.0, "ratio": 1.0}),
+            row("official", 197, 64, fwd={"ms": 1.4, "ratio": 1.4}, fwd_bwd={"ms": 1.2, "ratio": 1.2}),
+        ],
+    }
+    goals = report.attention_goals(result)
+    assert [g["met"] for g in goals[:2]] == [True, False]
