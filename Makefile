@@ -29,10 +29,11 @@ system-packages:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-# The main job. Until the training CLI lands (issue: the main job), it measures the core layer against the
-# official forward and softmax attention.
+# The main job: train agent, softmax and linear twins on Fashion-MNIST, print the table, write the report
+# (runs/<timestamp>/report.html). Extra options: make run COMPARE_ARGS="--epochs 10".
+COMPARE_ARGS ?=
 run: setup
-	$(VENV)/bin/agentattn bench attention --tokens 197 3137 --budget 2
+	$(VENV)/bin/agentattn compare $(COMPARE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

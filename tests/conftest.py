@@ -6,12 +6,30 @@ fp32 outputs within 1e-5 × max|ref|.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 DATA_DIR = Path(__file__).parent / "data"
+
+# Property-based tests: a fixed, derandomised profile by default (bounded examples, the same draws on every
+# run), and a longer random one with HYPOTHESIS_PROFILE=long. @given tests take their number of examples from
+# the profile (do not set max_examples per test), so the profile sizes every fuzz test at once.
+_HYPOTHESIS_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
+settings.register_profile("ci", max_examples=20, derandomize=True, database=None, **_HYPOTHESIS_COMMON)
+settings.register_profile("long", max_examples=500, **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def assert_close_rel(

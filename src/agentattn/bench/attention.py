@@ -1,168 +1,520 @@
-"""Attention-layer benchmark: agentattn against the official math and softmax attention, in one run.
+"""Attention-layer benchmark: agent attention against the official math, softmax and linear attention.
 
-For each token count N (DeiT-style: one cls token plus a square patch grid) it times, on the same weights:
+For each token count N (DeiT-style: one cls token plus a square patch grid; default N ∈ {197, 785, 3137, 12545,
+50177}) it measures, on the same ``qkv``/``proj`` weights:
 
 - ``agentattn``: :class:`agentattn.layers.AgentAttention`;
 - ``official``: :class:`agentattn.bench.official.OfficialAgentAttention`, the official forward transcribed
-  (explicit matmuls, biases interpolated and repeated over the batch on every call);
-- ``softmax-sdpa``: multi-head softmax attention through ``scaled_dot_product_attention``, same projections;
+  (explicit matmuls, biases interpolated and ``repeat``-ed over the batch on every call);
+- ``softmax-sdpa``: multi-head softmax attention through ``scaled_dot_product_attention``;
+- ``softmax-explicit``: the same with the (B, h, N, N) attention matrix materialised;
+- ``linear-elu``: elu+1 linear attention plus the same depthwise conv (:class:`agentattn.layers.LinearAttention`);
+- ``agentattn-compiled`` (``--compile``): the agentattn layer under ``torch.compile(fullgraph=True)``, which
+  fails on any graph break.
 
-forward in eval mode under ``torch.inference_mode``, and forward+backward in train mode, as medians after
-warm-up, interleaved over rounds. Ratios are to agentattn (> 1 means agentattn is faster). It also times the bare op against SDPA on
-the same q, k and v.
+Forward is timed in eval mode under ``torch.inference_mode``, forward+backward in train mode; medians after a
+warm-up, interleaved over rounds so that a slow spell of a shared machine hits every case alike. Peak memory
+is measured per case in a fresh subprocess (the rise of ``ru_maxrss`` over the process's state before the
+call), which also gives each case one cold timing and enforces the time limit: a case that runs out of time
+or memory, or whose estimated memory exceeds ``--mem-limit-gb``, is marked and the sweep goes on. FLOPs are
+analytic forward counts, multiply and add counted separately (fwd+bwd counted as 3× forward). The run also
+times the bare op (q, k, v → output before proj) and measures the fp32 matmul peak, 2·m³/t, to report the op's
+efficiency.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import platform
+import resource
+import shlex
 import statistics
-from dataclasses import asdict, dataclass
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import AgentAttention
+from ..layers import AgentAttention, LinearAttention
 from ..ops import agent_attention
 from .official import OfficialAgentAttention, SoftmaxAttention
 from .timing import median_ms
 
-TOKEN_BUDGET = 12608  # B·N of the DeiT-T config (B = 64, N = 197); larger N get a smaller batch
+TOKEN_BUDGET = (
+    12608  # B·N of the DeiT-T config (B = 64, N = 197); larger N get a smaller batch (1 from 12545)
+)
+DEFAULT_TOKENS = (197, 785, 3137, 12545, 50177)
+CASES = ("agentattn", "official", "softmax-sdpa", "softmax-explicit", "linear-elu")
+COMPILED = "agentattn-compiled"
+MODES = ("fwd", "fwd_bwd")
 
 
-@dataclass
-class Row:
-    impl: str
-    tokens: int
-    batch: int
-    fwd_ms: float
-    fwd_bwd_ms: float
-    fwd_ratio: float = float("nan")
-    fwd_bwd_ratio: float = float("nan")
+# -- cases -------------------------------------------------------------------------------------------------------
+def build_case(name: str, dim: int, heads: int, agents: int, side: int) -> nn.Module:
+    """One layer of the sweep with the weights of seed 0 (the same ``qkv``/``proj`` for every case)."""
+    torch.manual_seed(0)
+    ours = AgentAttention(dim, heads, agents, side, num_prefix_tokens=1)
+    if name in ("agentattn", COMPILED):
+        return ours
+    shared = {k: v for k, v in ours.state_dict().items() if k.split(".")[0] in ("qkv", "proj", "dwc")}
+    if name == "official":
+        layer: nn.Module = OfficialAgentAttention(dim, heads, agents, side, num_prefix_tokens=1)
+        layer.load_state_dict(ours.state_dict(), strict=True)
+        return layer
+    if name in ("softmax-sdpa", "softmax-explicit"):
+        layer = SoftmaxAttention(dim, heads, materialize=name == "softmax-explicit")
+        layer.load_state_dict({k: v for k, v in shared.items() if not k.startswith("dwc")}, strict=True)
+        return layer
+    if name == "linear-elu":
+        layer = LinearAttention(dim, heads, side, num_prefix_tokens=1)
+        layer.load_state_dict(shared, strict=True)
+        return layer
+    raise ValueError(f"unknown case {name!r}; expected one of {(*CASES, COMPILED)}")
 
 
-def _layers(dim: int, heads: int, agents: int, window: int) -> dict[str, nn.Module]:
-    ours = AgentAttention(dim, heads, agents, window, num_prefix_tokens=1)
-    official = OfficialAgentAttention(dim, heads, agents, window, num_prefix_tokens=1)
-    official.load_state_dict(ours.state_dict(), strict=True)
-    softmax = SoftmaxAttention(dim, heads)
-    softmax.load_state_dict(
-        {k: v for k, v in ours.state_dict().items() if k.split(".")[0] in ("qkv", "proj")}
+def forward_flops(name: str, batch: int, tokens: int, dim: int, heads: int, agents: int) -> int:
+    """Analytic forward FLOPs (multiply and add counted separately) of one case.
+
+    Projections 2·B·N·C·4C; agent core 2·(2·B·H·n·N·d + 2·B·H·N·n·d) plus the 3×3 depthwise conv 2·9·B·(N-1)·C;
+    softmax 2·2·B·H·N²·d; linear attention 2·2·B·H·N·d² (+ its normaliser and the same conv).
+    """
+    d = dim // heads
+    proj = 2 * batch * tokens * dim * 4 * dim
+    dwc = 2 * 9 * batch * (tokens - 1) * dim
+    if name in ("agentattn", COMPILED, "official"):
+        return proj + core_flops(batch, heads, tokens, tokens, agents, d) + dwc
+    if name in ("softmax-sdpa", "softmax-explicit"):
+        return proj + 2 * 2 * batch * heads * tokens * tokens * d
+    if name == "linear-elu":
+        return proj + 2 * 2 * batch * heads * tokens * d * d + 2 * 2 * batch * heads * tokens * d + dwc
+    raise ValueError(f"unknown case {name!r}")
+
+
+def core_flops(batch: int, heads: int, queries: int, keys: int, agents: int, head_dim: int) -> int:
+    """FLOPs of the agent attention op, 2 × (2·B·H·n·M·d + 2·B·H·N·n·d) (multiply and add counted apart)."""
+    return 2 * (
+        2 * batch * heads * agents * keys * head_dim + 2 * batch * heads * queries * agents * head_dim
     )
-    return {"agentattn": ours, "official": official, "softmax-sdpa": softmax}
 
 
-def _time_forward(layer: nn.Module, x: torch.Tensor, budget_s: float, warmup: int) -> float:
-    layer.eval()
-    with torch.inference_mode():
-        return median_ms(lambda: layer(x), warmup=warmup, min_reps=1, budget_s=budget_s)
+def estimated_bytes(name: str, batch: int, tokens: int, dim: int, heads: int, mode: str) -> int:
+    """A rough upper estimate of the working memory of one case, to skip cases that cannot fit."""
+    activations = 12 * batch * tokens * dim * 4
+    if name == "softmax-explicit":
+        # logits, probabilities (and their gradients in training) of (B, h, N, N).
+        activations += (2 if mode == "fwd" else 4) * batch * heads * tokens * tokens * 4
+    elif name == "softmax-sdpa" and mode == "fwd_bwd":
+        # the CPU backward of the fused kernel works in blocks; count a generous (B, h, N, 512) workspace.
+        activations += 2 * batch * heads * tokens * 512 * 4
+    return activations
 
 
-def _time_forward_backward(layer: nn.Module, x: torch.Tensor, budget_s: float, warmup: int) -> float:
+def time_mode(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], object]:
+    """A closure running one timed call of ``layer`` in ``mode`` ('fwd' or 'fwd_bwd'), setting eval/train."""
+    if mode == "fwd":
+        layer.eval()
+
+        def call() -> object:
+            with torch.inference_mode():
+                return layer(x)
+
+        return call
     layer.train()
 
-    def step() -> None:
+    def step() -> object:
         layer.zero_grad(set_to_none=True)
         layer(x).sum().backward()
+        return None
 
-    return median_ms(step, warmup=warmup, min_reps=1, budget_s=budget_s)
+    return step
 
 
-def _interleaved(
-    layers: dict[str, nn.Module], timer, x: torch.Tensor, budget_s: float, rounds: int
-) -> dict[str, float]:
-    """Median over ``rounds`` rounds, each timing every layer in turn (after one warm-up pass of each), so that a
-    slow spell of a shared machine hits all layers alike instead of whichever happened to run then."""
-    per_layer: dict[str, list[float]] = {name: [] for name in layers}
-    for layer in layers.values():  # warm-up: allocator, kernels, bias caches
-        timer(layer, x, budget_s / rounds, warmup=2)
+# -- one case in a fresh process: peak memory and a cold timing ---------------------------------------------------
+def _maxrss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux and bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _worker(spec: dict) -> None:
+    """Run one case once per mode and print one JSON line per mode: peak memory rise and wall time."""
+    torch.set_num_threads(spec["threads"])
+    for mode, result in measure_case(spec):
+        print(json.dumps({"mode": mode, **result}))
+        sys.stdout.flush()
+
+
+def measure_case(spec: dict):
+    """Yield (mode, {"peak_mb", "cold_ms"}) for one call of the case per mode, in this process."""
+    side = math.isqrt(spec["tokens"] - 1)
+    layer = build_case(spec["case"], spec["dim"], spec["heads"], spec["agents"], side)
+    if spec["case"] == COMPILED:
+        layer = torch.compile(layer, fullgraph=True)
+    x = torch.randn(spec["batch"], spec["tokens"], spec["dim"])
+    for mode in spec["modes"]:
+        call = time_mode(layer, x, mode)
+        base = _maxrss_bytes()
+        t0 = time.perf_counter()
+        call()
+        elapsed = time.perf_counter() - t0
+        yield mode, {"peak_mb": (_maxrss_bytes() - base) / 2**20, "cold_ms": elapsed * 1e3}
+
+
+def measure_in_subprocess(spec: dict, timeout_s: float) -> dict[str, dict]:
+    """Run :func:`_worker` in a fresh interpreter. Returns {mode: {"peak_mb", "cold_ms"} or {"status"}}."""
+    cmd = [sys.executable, "-m", "agentattn.bench.attention", "--worker", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    results: dict[str, dict] = {}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        out, err, failed = proc.stdout, proc.stderr, proc.returncode != 0
+        status = "error"
+        if failed and ("out of memory" in err.lower() or proc.returncode in (-9, 137)):
+            status = "oom"
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err, failed, status = "", True, "timeout"
+    for line in out.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            results[row.pop("mode")] = row
+    for mode in spec["modes"]:
+        if mode not in results:
+            reason = err.strip().splitlines()[-1] if err.strip() else ""
+            results[mode] = {"status": status if failed else "error", "detail": reason[:200]}
+    return results
+
+
+# -- the sweep ---------------------------------------------------------------------------------------------------
+def _interleaved(calls: dict[str, Callable[[], object]], budget_s: float, rounds: int) -> dict[str, float]:
+    """Median over ``rounds`` rounds, each timing every case in turn after one warm-up call of each."""
+    per_case: dict[str, list[float]] = {name: [] for name in calls}
+    for call in calls.values():
+        call()
     for _ in range(rounds):
-        for name, layer in layers.items():
-            per_layer[name].append(timer(layer, x, budget_s / rounds, warmup=0))
-    return {name: statistics.median(times) for name, times in per_layer.items()}
+        for name, call in calls.items():
+            per_case[name].append(
+                median_ms(call, warmup=0, min_reps=1, max_reps=5, budget_s=budget_s / rounds)
+            )
+    return {name: statistics.median(times) for name, times in per_case.items()}
 
 
-def bench_layers(
+def bench_sweep(
     tokens: list[int],
+    cases: list[str],
     dim: int = 192,
     heads: int = 3,
     agents: int = 49,
     budget_s: float = 4.0,
-    rounds: int = 5,
-) -> list[Row]:
-    """Time the three layers at each N = 1 + side² (batch = TOKEN_BUDGET // N, at least 1).
+    rounds: int = 3,
+    threads: int = 2,
+    case_timeout_s: float = 120.0,
+    mem_limit_gb: float = 8.0,
+    batch_override: dict[int, int] | None = None,
+    compile_tokens: tuple[int, ...] = (197,),
+    fresh_process: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Measure every case at every N. Returns one row per (N, case) with per-mode results.
 
-    Each layer gets ``budget_s`` seconds per mode, split over ``rounds`` interleaved rounds.
+    The batch is ``TOKEN_BUDGET // N`` (at least 1) unless ``batch_override`` names it. A case is timed in the
+    interleaved rounds only if its cold call took under ``max(budget_s, 5)`` seconds; slower ones report the
+    cold call (1 run). The compiled case runs only at ``compile_tokens``, in this process (no memory figure).
+    ``fresh_process=False`` measures memory and the cold call in this process instead (quick, for tests: the
+    peak then shows only a rise over what earlier cases used, and no time limit is enforced).
     """
-    rows: list[Row] = []
+    rows: list[dict] = []
     for n_tokens in tokens:
         side = math.isqrt(n_tokens - 1)
-        if side * side != n_tokens - 1:
+        if side < 1 or side * side != n_tokens - 1:
             raise ValueError(f"tokens must be 1 + a square (cls + patch grid), got {n_tokens}")
-        batch = max(1, TOKEN_BUDGET // n_tokens)
-        torch.manual_seed(0)
-        x = torch.randn(batch, n_tokens, dim)
-        layers = _layers(dim, heads, agents, side)
-        fwd = _interleaved(layers, _time_forward, x, budget_s, rounds)
-        fwd_bwd = _interleaved(layers, _time_forward_backward, x, budget_s, rounds)
-        group = [Row(name, n_tokens, batch, fwd[name], fwd_bwd[name]) for name in layers]
-        base = group[0]
-        for row in group:
-            row.fwd_ratio = row.fwd_ms / base.fwd_ms
-            row.fwd_bwd_ratio = row.fwd_bwd_ms / base.fwd_bwd_ms
-        rows.extend(group)
+        batch = (batch_override or {}).get(n_tokens, max(1, TOKEN_BUDGET // n_tokens))
+        group: dict[str, dict] = {}
+        for name in cases:
+            row = {"case": name, "tokens": n_tokens, "batch": batch, "fwd_flops": 0, "modes": {}}
+            row["fwd_flops"] = forward_flops(name, batch, n_tokens, dim, heads, agents)
+            modes = []
+            for mode in MODES:
+                need = estimated_bytes(name, batch, n_tokens, dim, heads, mode)
+                if need > mem_limit_gb * 2**30:
+                    row["modes"][mode] = {
+                        "status": "oom",
+                        "detail": f"estimated {need / 2**30:.1f} GiB > --mem-limit-gb {mem_limit_gb:g}",
+                    }
+                else:
+                    modes.append(mode)
+            if name == COMPILED:
+                modes = []  # compiled in the main process only: a second compile per case costs minutes
+                if n_tokens not in compile_tokens:
+                    continue
+                for mode in MODES:
+                    row["modes"][mode] = {"cold_ms": 0.0}
+            if modes:
+                spec = {
+                    "case": name,
+                    "tokens": n_tokens,
+                    "batch": batch,
+                    "dim": dim,
+                    "heads": heads,
+                    "agents": agents,
+                    "threads": threads,
+                    "modes": modes,
+                }
+                if fresh_process:
+                    # interpreter start-up and imports, plus the limit per call
+                    measured = measure_in_subprocess(spec, timeout_s=60 + case_timeout_s * len(modes))
+                else:
+                    measured = dict(measure_case(spec))
+                # A call that finished but took longer than the limit keeps its one timing ('1 run').
+                row["modes"].update(measured)
+            group[name] = row
+            log(f"  N={n_tokens} B={batch} {name}: " + _short(row))
+        _time_group(group, batch, n_tokens, dim, side, budget_s, rounds, heads, agents)
+        base = group.get("agentattn")
+        for row in group.values():
+            for mode, result in row["modes"].items():
+                ref = base["modes"].get(mode, {}) if base else {}
+                if "ms" in result and "ms" in ref:
+                    result["ratio"] = result["ms"] / ref["ms"]  # > 1: agentattn is faster
+                if "ms" in result:
+                    flops = row["fwd_flops"] * (1 if mode == "fwd" else 3)
+                    result["gflops_per_s"] = flops / result["ms"] / 1e6
+        rows.extend(group.values())
     return rows
 
 
-def bench_op(
-    tokens: int = 16385, heads: int = 3, head_dim: int = 64, agents: int = 49, budget_s: float = 6.0
-) -> dict:
-    """``agent_attention`` against ``scaled_dot_product_attention`` on the same q, k, v (B = 1, no biases)."""
+def _short(row: dict) -> str:
+    parts = []
+    for mode, r in row["modes"].items():
+        if "status" in r:
+            parts.append(f"{mode} {r['status']}")
+        elif "peak_mb" in r:
+            parts.append(f"{mode} cold {r['cold_ms']:.0f} ms, peak +{r['peak_mb']:.0f} MiB")
+        else:
+            parts.append(f"{mode} timed in-process")
+    return "; ".join(parts)
+
+
+def _time_group(group, batch, n_tokens, dim, side, budget_s, rounds, heads, agents) -> None:
+    """Interleaved timing of the cases whose cold call was fast enough; the others keep their cold time."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, tokens, head_dim) for _ in range(3))
+    x = torch.randn(batch, n_tokens, dim)
+    for mode in MODES:
+        calls = {}
+        for name, row in group.items():
+            r = row["modes"].get(mode, {})
+            if "status" in r:
+                continue
+            if r["cold_ms"] > max(budget_s, 5.0) * 1e3:
+                r["ms"], r["runs"] = r["cold_ms"], 1
+                continue
+            layer = build_case(name, dim, heads, agents, side)
+            if name == COMPILED:
+                layer = torch.compile(layer, fullgraph=True)
+            calls[name] = time_mode(layer, x, mode)
+        if calls:
+            for name, ms in _interleaved(calls, budget_s, rounds).items():
+                group[name]["modes"][mode].update(ms=ms, runs=rounds)
+
+
+def bench_op_efficiency(
+    tokens: list[int], heads: int = 3, head_dim: int = 64, agents: int = 49, budget_s: float = 3.0
+) -> list[dict]:
+    """The bare op (q, k, v, agents, biases → output before proj), inference, at the sweep's batch per N."""
+    rows = []
     side = math.isqrt(agents)
-    with torch.inference_mode():
-        pooled = F.adaptive_avg_pool1d(q.flatten(0, 1).transpose(1, 2), side * side).transpose(1, 2)
-        pooled = pooled.reshape(1, heads, side * side, head_dim)
-        agent_ms = median_ms(lambda: agent_attention(q, k, v, pooled), budget_s=budget_s)
-        sdpa_ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), warmup=1, budget_s=budget_s)
+    for n_tokens in tokens:
+        batch = max(1, TOKEN_BUDGET // n_tokens)
+        torch.manual_seed(0)
+        # q, k, v as views of one (B, N, 3, h, d) projection, as the layer produces them.
+        qkv = torch.randn(batch, n_tokens, 3, heads, head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        a = torch.randn(batch, heads, side * side, head_dim)
+        bias1 = torch.randn(1, heads, side * side, n_tokens) * 0.02
+        bias2 = torch.randn(1, heads, n_tokens, side * side) * 0.02
+        with torch.inference_mode():
+            ms = median_ms(
+                lambda q=q, k=k, v=v, a=a, b1=bias1, b2=bias2: agent_attention(
+                    q, k, v, a, agent_bias=b1, query_bias=b2
+                ),
+                warmup=1,
+                min_reps=3,
+                budget_s=budget_s,
+            )
+        flops = core_flops(batch, heads, n_tokens, n_tokens, side * side, head_dim)
+        rows.append(
+            {"tokens": n_tokens, "batch": batch, "ms": ms, "flops": flops, "gflops_per_s": flops / ms / 1e6}
+        )
+    return rows
+
+
+def matmul_peak(size: int = 2048, reps: int = 5) -> dict:
+    """fp32 matmul peak: 2·m³/t of a square (m × m)·(m × m) product, best of ``reps`` after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return {"size": size, "seconds": best, "gflops_per_s": 2 * size**3 / best / 1e9}
+
+
+# -- output ------------------------------------------------------------------------------------------------------
+def environment(threads: int | None = None) -> dict:
+    """Machine and library versions, recorded with every result."""
+    import timm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return {
-        "tokens": tokens,
-        "heads": heads,
-        "head_dim": head_dim,
-        "agents": agents,
-        "agent_ms": agent_ms,
-        "sdpa_ms": sdpa_ms,
-        "speedup": sdpa_ms / agent_ms,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
 
 
-def format_table(rows: list[Row]) -> str:
+def command_line(kind: str) -> str:
+    """The command as typed, normalised to ``agentattn bench KIND ARGS`` (also from ``python -m`` or a script)."""
+    argv = sys.argv[1:]
+    if kind in argv:
+        argv = argv[argv.index(kind) + 1 :]
+    return shlex.join(["agentattn", "bench", kind, *argv])
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: one line per (N, case), latency, ratio to agentattn, FLOP rate and peak memory."""
     lines = [
-        "| N | B | layer | forward (ms) | × agentattn | fwd+bwd (ms) | × agentattn |",
-        "|---:|---:|---|---:|---:|---:|---:|",
+        "| N | B | case | fwd (ms) | × agentattn | fwd+bwd (ms) | × agentattn | fwd GFLOP/s | peak fwd (MiB) | peak fwd+bwd (MiB) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        f, fb = r["modes"].get("fwd", {}), r["modes"].get("fwd_bwd", {})
         lines.append(
-            f"| {r.tokens} | {r.batch} | {r.impl} | {r.fwd_ms:.2f} | {r.fwd_ratio:.2f} | {r.fwd_bwd_ms:.2f} | {r.fwd_bwd_ratio:.2f} |"
+            f"| {r['tokens']} | {r['batch']} | {r['case']} | {_ms(f)} | {_num(f, 'ratio')} | {_ms(fb)} | "
+            f"{_num(fb, 'ratio')} | {_num(f, 'gflops_per_s', '.1f')} | {_num(f, 'peak_mb', '.0f')} | "
+            f"{_num(fb, 'peak_mb', '.0f')} |"
         )
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-    }
+def _ms(r: dict) -> str:
+    if "status" in r:
+        return r["status"]
+    if "ms" not in r:
+        return "–"
+    return f"{r['ms']:.2f}" + (" (1 run)" if r.get("runs") == 1 else "")
 
 
+def _num(r: dict, key: str, fmt: str = ".2f") -> str:
+    return format(r[key], fmt) if key in r else "–"
+
+
+def crossover(rows: list[dict], mode: str, other: str = "softmax-sdpa") -> float | None:
+    """The N where agentattn's per-sample latency drops below ``other``'s (log-log interpolation), if any."""
+    pts = []
+    for n in sorted({r["tokens"] for r in rows}):
+        by = {r["case"]: r for r in rows if r["tokens"] == n}
+        a, o = (
+            by.get("agentattn", {}).get("modes", {}).get(mode, {}),
+            by.get(other, {}).get("modes", {}).get(mode, {}),
+        )
+        if "ms" in a and "ms" in o:
+            pts.append((n, math.log(o["ms"] / a["ms"])))
+    if pts and pts[0][1] >= 0:
+        return float(pts[0][0])  # agentattn already faster at the smallest N
+    for (n0, r0), (n1, r1) in itertools.pairwise(pts):
+        if r0 < 0 <= r1:
+            t = -r0 / (r1 - r0)
+            return float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
+    return None
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Log-log per-sample latency against N (forward, fwd+bwd) and peak memory, crossover marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["layers"]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, mode, title in (
+        (axes[0], "fwd", "forward (eval)"),
+        (axes[1], "fwd_bwd", "forward+backward (train)"),
+    ):
+        for case in cases:
+            pts = [
+                (r["tokens"], r["modes"][mode]["ms"] / r["batch"])
+                for r in rows
+                if r["case"] == case and "ms" in r["modes"].get(mode, {})
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=case)
+        cross = crossover(rows, mode)
+        if cross is not None:
+            ax.axvline(cross, color="gray", linestyle="--")
+            ax.annotate(f"crossover N≈{cross:.0f}", (cross, 0.9), xycoords=("data", "axes fraction"))
+        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="ms per sample", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+    for case in cases:
+        pts = [
+            (r["tokens"], r["modes"]["fwd"]["peak_mb"] / r["batch"])
+            for r in rows
+            if r["case"] == case
+            and "peak_mb" in r["modes"].get("fwd", {})
+            and r["modes"]["fwd"]["peak_mb"] > 0
+        ]
+        if pts:
+            axes[2].plot(*zip(*pts, strict=True), marker="o", label=case)
+    axes[2].set(
+        xscale="log", yscale="log", xlabel="tokens N", ylabel="MiB per sample", title="peak memory, forward"
+    )
+    axes[2].grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    env = result["environment"]
+    fig.suptitle(
+        f"{result['config']['label']} — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+    )
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: str | Path) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        _worker(json.loads(argv[1]))
+        return 0
     parser = argparse.ArgumentParser(prog="agentattn bench attention", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
@@ -170,34 +522,121 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tokens", type=int, nargs="+", default=[197, 3137, 16385], help="token counts N = 1 + side²"
+        "--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), help="token counts N = 1 + side²"
+    )
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=[*CASES, COMPILED])
+    parser.add_argument("--compile", action="store_true", help=f"add the {COMPILED} case (fullgraph)")
+    parser.add_argument(
+        "--compile-tokens", type=int, nargs="+", default=[197], help=f"the N at which {COMPILED} runs"
     )
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--agents", type=int, default=49)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed runs per case")
-    parser.add_argument("--skip-op", action="store_true", help="skip the op-level comparison with SDPA")
-    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--budget", type=float, default=4.0, help="seconds of timed runs per case and mode")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--case-timeout", type=float, default=120.0, help="seconds allowed for one call")
+    parser.add_argument("--mem-limit-gb", type=float, default=8.0, help="skip cases estimated above this")
+    parser.add_argument(
+        "--batch",
+        type=str,
+        nargs="*",
+        default=[],
+        metavar="N=B",
+        help="batch for a token count (default TOKEN_BUDGET // N, at least 1), e.g. 197=64",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=["subprocess", "inprocess"],
+        default="subprocess",
+        help="peak memory per case in a fresh process (default), or in this one (quick, approximate)",
+    )
+    parser.add_argument("--peak-size", type=int, default=2048, help="m of the m×m matmul peak measurement")
+    parser.add_argument("--skip-op", action="store_true", help="skip the op efficiency and the matmul peak")
+    parser.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
+    parser.add_argument("--plot", type=str, default=None, help="write the log-log plot to this PNG file")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        batch_override = {int(k): int(v) for k, v in (item.split("=") for item in args.batch)}
+    except ValueError:
+        print(f"error: --batch takes N=B pairs, got {args.batch}", file=sys.stderr)
+        return 2
+    for n in args.tokens:
+        side = math.isqrt(max(n - 1, 0))
+        if n < 2 or side * side != n - 1:
+            print(f"error: --tokens must be 1 + a square (cls + patch grid), got {n}", file=sys.stderr)
+            return 2
+    for flag, value, ok, want in (
+        ("--threads", args.threads, args.threads >= 1, "at least 1"),
+        ("--dim", args.dim, args.dim >= 1 and args.heads >= 1 and args.dim % args.heads == 0,
+         f"a positive multiple of --heads ({args.heads})"),
+        ("--agents", args.agents, args.agents >= 1, "at least 1"),
+        ("--budget", args.budget, args.budget > 0, "a positive number of seconds"),
+    ):  # fmt: skip
+        if not ok:
+            print(f"error: {flag} must be {want}, got {value}", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
-    env = environment()
-    print(
-        f"torch {env['torch']}, {env['threads']} threads, {env['machine']}, fp32, "
-        f"C={args.dim}, heads={args.heads}, agents={args.agents}"
+    cases = list(args.cases) + ([COMPILED] if args.compile and COMPILED not in args.cases else [])
+    env = environment(args.threads)
+    label = f"C={args.dim}, heads={args.heads}, agents={args.agents}, cls token, fp32"
+    print(f"torch {env['torch']}, {env['threads']} threads, {env['cpu']}, {label}")
+    rows = bench_sweep(
+        args.tokens,
+        cases,
+        args.dim,
+        args.heads,
+        args.agents,
+        args.budget,
+        args.rounds,
+        args.threads,
+        args.case_timeout,
+        args.mem_limit_gb,
+        batch_override,
+        tuple(args.compile_tokens),
+        args.memory == "subprocess",
     )
-    rows = bench_layers(args.tokens, args.dim, args.heads, args.agents, args.budget)
     print(format_table(rows))
-    op = None
+    op, peak = None, None
     if not args.skip_op:
-        op = bench_op(budget_s=args.budget)
-        print(
-            f"\nop, inference, B=1 H={op['heads']} N=M={op['tokens']} d={op['head_dim']} n={op['agents']}, no biases: "
-            f"agent_attention {op['agent_ms']:.2f} ms, SDPA {op['sdpa_ms']:.2f} ms -> {op['speedup']:.1f}x faster"
+        peak = matmul_peak(args.peak_size)
+        op = bench_op_efficiency(
+            args.tokens, args.heads, args.dim // args.heads, args.agents, args.budget / 2
         )
+        print(f"\nfp32 matmul peak ({peak['size']}³): {peak['gflops_per_s']:.1f} GFLOP/s")
+        for r in op:
+            r["fraction_of_peak"] = r["gflops_per_s"] / peak["gflops_per_s"]
+            print(
+                f"op N={r['tokens']} B={r['batch']}: {r['ms']:.2f} ms, {r['gflops_per_s']:.1f} GFLOP/s = "
+                f"{100 * r['fraction_of_peak']:.0f}% of peak"
+            )
+    result = {
+        "kind": "attention",
+        "command": command_line("attention"),
+        "environment": env,
+        "config": {
+            "dim": args.dim,
+            "heads": args.heads,
+            "agents": args.agents,
+            "threads": args.threads,
+            "budget_s": args.budget,
+            "rounds": args.rounds,
+            "label": label,
+            "memory": args.memory,
+        },
+        "layers": rows,
+        "op": op,
+        "matmul_peak": peak,
+        "crossover": {mode: crossover(rows, mode) for mode in MODES},
+    }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "layers": [asdict(r) for r in rows], "op": op}, f, indent=1)
+        write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

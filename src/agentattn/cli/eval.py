@@ -11,14 +11,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..models._checkpoint import load_checkpoint, safe_torch_load
+from .._io import atomic_write_text
 from ..train.data import build_data
-from ..train.loop import CHECKPOINT_FORMAT, _resolve_device, build_model, evaluate
+from ..train.loop import _resolve_device, build_model, evaluate
+from ..train.restore import load_weights, read_checkpoint
 from .train import parse_model_kwargs
 
 
@@ -41,20 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
-def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    # (state dict, what the run recorded about it; empty for foreign files)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file (pass the last.pth of a training run)")
-    if path.suffix != ".safetensors":
-        obj = safe_torch_load(path)
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            state = obj.get("state_dict_ema") if use_ema else obj["model"]
-            if state is None:
-                raise ValueError(f"{path}: the run had no EMA (--ema-decay 0); drop --ema")
-            return state, obj
-    return load_checkpoint(path, use_ema=use_ema), {}
-
-
 def format_confusion(confusion: torch.Tensor, names: list[str]) -> str:
     """The confusion matrix (C, C) as text: rows = true class, columns = predicted class."""
     names = names if len(names) == len(confusion) else [""] * len(confusion)
@@ -71,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; print the results; return 0, or 1 with one line on stderr for bad input."""
     path = Path(args.checkpoint)
     try:
-        state, meta = _read_checkpoint(path, args.ema)
+        state, meta = read_checkpoint(path, args.ema)
         name = meta.get("model_name")
         if args.model and name and args.model != name:
             raise ValueError(f"{path} is a checkpoint of {name!r}, not {args.model!r}: drop --model")
@@ -95,14 +81,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--data {data_spec} has {data.num_classes} / {data.in_chans}: pass the data it was trained on"
             )
         model = build_model(name, data.num_classes, data.in_chans, data.img_size, kwargs)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), "")
-            raise ValueError(
-                f"{path} does not fit model {name!r} ({detail[:200]}): it comes from another architecture; "
-                "pass the matching --model/--model-kwargs"
-            ) from err
+        load_weights(model, state, path, name)
         device = _resolve_device(args.device, 0)
         loader = DataLoader(data.eval, batch_size=args.batch_size)
         amp = torch.bfloat16 if args.amp == "bf16" else None
@@ -122,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         out.update(
             confusion=result["confusion"].tolist(), model=name, checkpoint=str(path), split=data.eval_split
         )
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import timm
 
+from .._io import atomic_write_text
 from ..models._flops import count_flops, count_params
 
 
@@ -17,11 +19,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the table (and write ``--json`` atomically); return 0, or 1 with one line on stderr."""
+    try:
+        return _run(args)
+    except (ValueError, OSError) as err:
+        print(f"agentattn flops: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.img_size is not None and args.img_size < 1:
+        raise ValueError(f"--img-size must be a positive number of pixels, got {args.img_size}")
+    for name in args.names:
+        if name not in timm.list_models():
+            raise ValueError(f"unknown model {name!r}; see timm.list_models('agent_*')")
     results = []
     print(f"{'model':36s} {'img':>5s} {'params (M)':>11s} {'GFLOPs':>8s}")
     for name in args.names:
-        if name not in timm.list_models():
-            raise SystemExit(f"agentattn flops: unknown model {name!r}; see timm.list_models('agent_*')")
         kwargs = {} if args.img_size is None else {"img_size": args.img_size}
         model = timm.create_model(name, pretrained=False, **kwargs)
         input_size = (
@@ -40,6 +54,5 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write_text(args.json, json.dumps(results, indent=1))
     return 0

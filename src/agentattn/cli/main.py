@@ -1,10 +1,19 @@
 """``agentattn``: one entry point with subcommands.
 
+agentattn compare [--epochs E | --full] [--output DIR]
+agentattn explain CHECKPOINT IMAGE... [--output DIR]
 agentattn train --data fashion-mnist --model NAME --epochs E --output DIR [--resume]
 agentattn eval --checkpoint FILE [--data SRC] [--split test]
-agentattn bench attention [--tokens 197 3137 16385] [--json FILE]
+agentattn bench attention [--tokens 197 785 3137 12545 50177] [--json FILE] [--plot FILE]
+agentattn bench model [NAME...] [--img-size 224 448] [--json FILE]
+agentattn bench report [--output BENCHMARKS.md]
 agentattn flops NAME... [--img-size S]
 agentattn convert IN.pth OUT.safetensors [--ema]
+agentattn export NAME [--checkpoint FILE] --format onnx|torch-export [--img-size S] [--dynamic-batch] OUT
+agentattn bench deploy [--models NAME...] [--batches 1 32] [--json FILE] [--markdown FILE]
+agentattn sd --model PIPELINE_DIR --prompt TEXT... [--baseline]
+agentattn bench sd [--models sd15 sdxl] [--latents 64 96 128]
+agentattn lm train|eval|sample|compare|bench [...]
 
 Each command module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -16,18 +25,35 @@ import sys
 from types import ModuleType
 
 from ..bench import attention as bench_attention
-from . import convert, flops
+from ..bench import deploy as bench_deploy
+from ..bench import model as bench_model
+from ..bench import report as bench_report
+from ..bench import sd as bench_sd
+from . import compare, convert, dense, explain, flops
 from . import eval as eval_cmd
+from . import export as export_cmd
+from . import lm as lm_cmd
+from . import sd as sd_cmd
 from . import train as train_cmd
 
 COMMANDS: list[tuple[str, ModuleType, str]] = [
+    ("compare", compare, "train agent, softmax and linear twins on Fashion-MNIST; write a report"),
+    ("explain", explain, "figures of what the agents attend to, for given images"),
     ("train", train_cmd, "train a model (timm recipe, resumable, DDP via torchrun)"),
     ("eval", eval_cmd, "top-1/top-5, confusion matrix and throughput of a checkpoint"),
     ("flops", flops, "parameters and FLOPs (one multiply-add = one FLOP)"),
+    ("dense", dense, "detection/segmentation on agent backbones: train, eval, compare"),
     ("convert", convert, "checkpoint (.pth, loaded safely) -> clean safetensors"),
+    ("export", export_cmd, "ONNX or torch.export program of a model (int8/bf16 optional), checked"),
+    ("sd", sd_cmd, "Stable Diffusion images with AgentSD from a local pipeline directory"),
+    ("lm", lm_cmd, "byte-level LM with causal agent attention: train, eval, sample, compare, bench"),
 ]
 BENCHMARKS: list[tuple[str, ModuleType, str]] = [
     ("attention", bench_attention, "agent attention vs the official code and softmax attention"),
+    ("model", bench_model, "whole-model inference/training img/s, agent models vs timm counterparts"),
+    ("report", bench_report, "regenerate BENCHMARKS.md from the measured JSON files"),
+    ("deploy", bench_deploy, "CPU throughput: eager, torch.compile, onnxruntime fp32/int8"),
+    ("sd", bench_sd, "SD v1.5 / SDXL UNet forward: unpatched vs AgentSD vs tomesd"),
 ]
 
 

@@ -32,6 +32,31 @@ def _check_rate(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
+def _pool_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(size_out, size_in) averaging matrix of adaptive average pooling along one axis (PyTorch's windows)."""
+    rows = []
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -(-(i + 1) * size_in // size_out)
+        rows.append([1.0 / (end - start) if start <= j < end else 0.0 for j in range(size_in)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` of (B, C, H, W) → (B, C, rows, cols); export-friendly under torch.export.
+
+    When exporting (torch.export, hence ONNX), a grid that divides the map becomes one AveragePool and any other
+    grid two matmuls with constant averaging matrices, instead of the index gathers the generic decomposition
+    emits. Eager mode always calls the PyTorch kernel.
+    """
+    if not torch.compiler.is_exporting():
+        return F.adaptive_avg_pool2d(x, output_size)
+    (height, width), (rows, cols) = x.shape[-2:], output_size
+    if height % rows == 0 and width % cols == 0:
+        kernel = (height // rows, width // cols)
+        return F.avg_pool2d(x, kernel, stride=kernel)
+    return _pool_matrix(height, rows, x) @ x @ _pool_matrix(width, cols, x).T  # (B, C, rows, cols)
+
+
 class AgentAttentionBase(nn.Module):
     """Shared machinery: bias parameters, agent pooling, the op call and the DWC term.
 
@@ -74,6 +99,8 @@ class AgentAttentionBase(nn.Module):
             self, num_heads, self.agent_num, self.key_grid_size, self.grid_size, num_prefix_tokens
         )
         self._bias_cache: tuple | None = None  # (key, bias parameters, (B1, B2)); see biases()
+        # Set by agentattn.layers.record_agent_attention: called with the split q, k, agents and biases.
+        self._attention_sink = None
         if learned_agents:
             # Official issue #30: input-independent agents, one C-dim token per agent (split into heads).
             self.agent_tokens = nn.Parameter(torch.zeros(self.agent_num, dim))
@@ -141,7 +168,7 @@ class AgentAttentionBase(nn.Module):
         spatial = (
             q[:, self.num_prefix_tokens :].unflatten(1, query_grid).permute(0, 3, 1, 2)
         )  # channels-last view
-        pooled = F.adaptive_avg_pool2d(spatial, self.agent_grid)  # (B, C, rows, cols)
+        pooled = adaptive_avg_pool2d(spatial, self.agent_grid)  # (B, C, rows, cols)
         # contiguous: fused SDPA kernels need stride 1 on the last dim, and the pooled map may come out either way.
         return pooled.flatten(2).transpose(1, 2).contiguous()
 
@@ -173,6 +200,11 @@ class AgentAttentionBase(nn.Module):
         batch, num_queries, channels = q.shape
         agents = self.make_agents(q, query_grid)  # (B, n, C)
         bias1, bias2 = self.biases(key_grid, query_grid)
+        if self._attention_sink is not None:
+            self._attention_sink(
+                self, self.split_heads(q), self.split_heads(k), self.split_heads(agents), bias1, bias2,
+                query_grid, key_grid,
+            )  # fmt: skip
         out = agent_attention(
             self.split_heads(q),
             self.split_heads(k),
@@ -189,7 +221,11 @@ class AgentAttentionBase(nn.Module):
         prefix = self.num_prefix_tokens
         if prefix == 0:
             return out + local
-        # Prefix tokens (cls) get no DWC term.
+        # Prefix tokens (cls) get no DWC term. Without autograd, add in place: one pass instead of add + cat
+        # (not when exporting: an in-place slice update becomes ScatterND in ONNX).
+        if not out.requires_grad and not local.requires_grad and not torch.compiler.is_exporting():
+            out[:, prefix:] += local
+            return out
         return torch.cat([out[:, :prefix], out[:, prefix:] + local], dim=1)
 
     @staticmethod

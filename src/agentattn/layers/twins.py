@@ -16,6 +16,34 @@ from ..ops import linear_attention
 from .agent_bias import to_2tuple_grid
 
 
+def _check_config(dim: int, num_heads: int, **rates: float) -> None:
+    for name, value in (("dim", dim), ("num_heads", num_heads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if dim % num_heads:
+        raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+    for name, value in rates.items():
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _check_tokens(x: torch.Tensor, dim: int, weight: torch.Tensor, expected: str) -> None:
+    """x must be a floating (B, N, C = dim) tensor on the weight's device and in its dtype (unless autocast)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor {expected}, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x must be {expected} with C = dim = {dim}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the layer's parameters are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"x has dtype {x.dtype} but the layer's parameters are {weight.dtype}; cast one of them "
+            "or run under torch.autocast"
+        )
+
+
 class SoftmaxAttention(nn.Module):
     """Multi-head softmax attention (timm's ``Attention`` key names: ``qkv``, ``proj``)."""
 
@@ -28,9 +56,8 @@ class SoftmaxAttention(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads = num_heads
+        _check_config(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.dim, self.num_heads = dim, num_heads
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -38,8 +65,10 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, N, C) → (B, N, C); ``grid_size`` is accepted for interface parity and ignored."""
+        _check_tokens(x, self.dim, self.qkv.weight, "(B, N, C)")
         batch, tokens, channels = x.shape
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        head_dim = channels // self.num_heads
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
@@ -57,8 +86,9 @@ class LinearAttention(nn.Module):
         proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        _check_config(dim, num_heads, proj_drop=proj_drop)
+        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
         self.dim, self.num_heads = dim, num_heads
         self.grid_size = to_2tuple_grid("grid_size", grid_size)
         self.num_prefix_tokens = num_prefix_tokens
@@ -70,17 +100,20 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, P + H·W, C) → (B, P + H·W, C)."""
         grid = self.grid_size if grid_size is None else to_2tuple_grid("grid_size", grid_size)
-        batch, tokens, channels = x.shape
         prefix = self.num_prefix_tokens
-        if x.dim() != 3 or tokens != prefix + grid[0] * grid[1] or channels != self.dim:
+        _check_tokens(x, self.dim, self.qkv.weight, f"(B, {prefix} + H·W, C)")
+        batch, tokens, channels = x.shape
+        if tokens != prefix + grid[0] * grid[1]:
             raise ValueError(
-                f"x must be (B, {prefix} + H·W, {self.dim}) for grid_size {grid}, got shape {tuple(x.shape)}"
+                f"x has N = {tokens} tokens, but grid_size = {grid} with num_prefix_tokens = {prefix} expects "
+                f"N = {prefix + grid[0] * grid[1]}; pass the token grid as grid_size=(H, W)"
             )
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        head_dim = channels // self.num_heads
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = linear_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, channels)
         v_map = (
             v[:, :, prefix:].transpose(1, 2).reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
         )
-        local = self.dwc(v_map).permute(0, 2, 3, 1).reshape(batch, -1, channels)
+        local = self.dwc(v_map).permute(0, 2, 3, 1).reshape(batch, grid[0] * grid[1], channels)
         out = torch.cat([out[:, :prefix], out[:, prefix:] + local], dim=1) if prefix else out + local
         return self.proj_drop(self.proj(out))

@@ -73,12 +73,78 @@ def build_agent_model(
     config). Every source of these models is in the official format, so the overlay keeps ``custom_load=True``
     unless the caller sets it.
     """
+    check_model_kwargs(kwargs)
     overlay = kwargs.get("pretrained_cfg_overlay")
     if overlay and any(overlay.get(k) for k in PRETRAINED_SOURCE_KEYS) and "custom_load" not in overlay:
         kwargs["pretrained_cfg_overlay"] = {**overlay, "custom_load": True}
     return build_model_with_cfg(
         model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
     )
+
+
+_RATE_KWARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
+
+
+def check_model_kwargs(kwargs: dict[str, Any]) -> None:
+    """ValueError for out-of-range options every family shares (before anything is built)."""
+    for name in _RATE_KWARGS:
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    for name, low in (("num_classes", 0), ("in_chans", 1)):
+        value = kwargs.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    img = kwargs.get("img_size")
+    if img is not None:
+        pair = (img, img) if isinstance(img, int) and not isinstance(img, bool) else img
+        if (
+            not isinstance(pair, (tuple, list))
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)
+        ):
+            raise ValueError(
+                f"img_size must be a positive int or a pair (H, W) of positive ints, got {img!r}"
+            )
+
+
+def _stem_in_channels(model: nn.Module) -> int:
+    cached = model.__dict__.get("_agentattn_in_chans")
+    if cached is None:
+        stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        cached = model.__dict__["_agentattn_in_chans"] = stem.in_channels
+    return cached
+
+
+def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
+    """ValueError/TypeError naming the problem for an image batch the model cannot take.
+
+    x must be a floating-point (B, C, H, W) tensor with C = the stem's input channels, on the model's device and
+    in its dtype (any dtype under autocast). Skipped under torch.compile (the graph is traced once).
+    """
+    if torch.compiler.is_compiling():
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")
+    in_chans = _stem_in_channels(model)
+    if x.dim() != 4:
+        raise ValueError(
+            f"x must be a 4-D image batch (B, C, H, W) with C = {in_chans}, got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but the model takes in_chans = {in_chans}: shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point image batch, got dtype {x.dtype}")
+    weight = next(model.parameters())
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the model's parameters are on {weight.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}; cast one of them or run "
+            "under torch.autocast"
+        )
 
 
 def init_official_weights(module: nn.Module) -> None:

@@ -811,10 +811,19 @@ def save_safetensors(
         tensors[key] = value.detach().to("cpu").contiguous().clone()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(
+            err.errno, f"{path} could not be written ({reason}); the previous file is unchanged"
+        ) from err
+    except Exception as err:  # safetensors reports a failed write as SafetensorError
+        raise OSError(f"{path} could not be written ({err}); the previous file is unchanged") from err
     finally:
         if tmp.exists():
             tmp.unlink()

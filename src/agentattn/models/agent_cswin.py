@@ -41,6 +41,7 @@ from ._builder import (
     agent_cfg,
     build_agent_model,
     check_global_pool,
+    check_image_input,
     init_official_weights,
     with_official_tags,
 )
@@ -131,7 +132,8 @@ class LePEAttention(nn.Module):
         if pad_h or pad_w:
             maps = F.pad(maps, (0, pad_w, 0, pad_h))
         windows = self._windows(maps, win)  # (3·B·nw, C, H_sp, W_sp)
-        q, k, v = windows.chunk(3, dim=0)
+        # unbind, not chunk(): chunk's size guards would pin torch.export's batch dimension.
+        q, k, v = windows.unflatten(0, (3, -1)).unbind(0)
         lepe = self.get_v(v)  # per-window conv, as officially (zero padding at stripe borders)
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B', C, H_sp, W_sp) → (B', h, L, d)
@@ -437,6 +439,9 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) → (B, H/32, W/32, C) after the final norm (NHWC)."""
+        check_image_input(self, x)
+        if x.shape[0] == 0:  # the window reshapes cannot infer sizes from 0 elements: run one blank image
+            return self.forward_features(x.new_zeros(1, *x.shape[1:]))[:0]
         x, grid = self._stem(x)
         for i in range(self._num_stages):
             x, grid = self._run_stage(i, x, grid)

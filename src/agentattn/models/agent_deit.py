@@ -33,12 +33,15 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
-from ._builder import agent_cfg, build_agent_model, with_official_tags
+from ._builder import agent_cfg, build_agent_model, check_image_input, with_official_tags
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentDeiT", "AgentDeiTBlock", "checkpoint_filter_fn", "parse_attn_type"]
 
 _ATTN_LETTERS = "ABL"
+
+
+_DEIT_POOLS = ("", "avg", "avgmax", "max", "token", "map")  # what timm's VisionTransformer takes
 
 
 def parse_attn_type(attn_type: str, depth: int) -> str:
@@ -239,6 +242,8 @@ class AgentDeiT(VisionTransformer):
         for name in ("qk_norm", "scale_attn_norm"):
             if kwargs.get(name):
                 raise ValueError(f"{name}=True is not supported by Agent-DeiT blocks")
+        if kwargs.get("global_pool", "token") not in _DEIT_POOLS:
+            raise ValueError(f"global_pool must be one of {_DEIT_POOLS}, got {kwargs['global_pool']!r}")
         if kwargs.get("patch_drop_rate", 0.0):
             raise ValueError("patch_drop_rate must be 0: agent pooling needs the full patch grid")
         for name in ("block_fn", "attn_layer"):
@@ -292,6 +297,17 @@ class AgentDeiT(VisionTransformer):
     ) -> torch.Tensor:
         """(B, 3, H, W) → (B, P + h·w, C) tokens after the final norm."""
         self._no_mask(attn_mask, is_causal)
+        check_image_input(self, x)
+        embed = self.patch_embed
+        if (
+            embed.strict_img_size
+            and not embed.dynamic_img_pad
+            and tuple(x.shape[-2:]) != tuple(embed.img_size)
+        ):
+            raise ValueError(
+                f"x is {tuple(x.shape[-2:])} pixels but the model was built for img_size = {tuple(embed.img_size)}; "
+                "build it with that img_size (or dynamic_img_size=True)"
+            )
         grid = self._grid(x)
         x = self._embed(x)
         for blk in self.blocks:

@@ -38,6 +38,7 @@ from ._builder import (
     agent_cfg,
     build_agent_model,
     check_global_pool,
+    check_image_input,
     init_official_weights,
     with_official_tags,
 )
@@ -506,6 +507,7 @@ class AgentPVT(LinearHeadMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) → last-stage map (B, C_last, ⌈H/32⌉, ⌈W/32⌉) (for patch_size 4)."""
+        check_image_input(self, x)
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x

@@ -47,6 +47,7 @@ from ._builder import (
     agent_cfg,
     build_agent_model,
     check_global_pool,
+    check_image_input,
     init_official_weights,
     with_official_tags,
 )
@@ -575,6 +576,9 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) → (B, h, w, C_last), normalised (NHWC, like timm's Swin)."""
+        check_image_input(self, x)
+        if x.shape[0] == 0:  # the window reshapes cannot infer sizes from 0 elements: run one blank image
+            return self.forward_features(x.new_zeros(1, *x.shape[1:]))[:0]
         x = self.pos_drop(self.patch_embed(x))
         x = self.layers(x)
         return self.norm(x)

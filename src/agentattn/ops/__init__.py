@@ -3,6 +3,13 @@ elu+1 ``linear_attention`` baseline."""
 
 from . import naive
 from .agent import agent_attention
+from .causal_agent import causal_agent_attention, naive_causal_agent_attention
 from .linear import linear_attention
 
-__all__ = ["agent_attention", "linear_attention", "naive"]
+__all__ = [
+    "agent_attention",
+    "causal_agent_attention",
+    "linear_attention",
+    "naive",
+    "naive_causal_agent_attention",
+]

@@ -6,6 +6,8 @@ the expected shape instead of deep inside a matmul.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -94,5 +96,23 @@ def check_agent_attention_args(
             )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale}")
+    if scale is not None and not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale}")
+
+
+def check_tensors(names_and_tensors: tuple[tuple[str, torch.Tensor], ...], rank: int, letters: str) -> None:
+    """Each tensor is a floating-point torch.Tensor of ``rank`` dims, with the dtype and device of the first."""
+    first_name, first = names_and_tensors[0]
+    for name, t in names_and_tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {letters}, got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; use one dtype"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; use one device")

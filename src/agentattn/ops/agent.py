@@ -14,17 +14,28 @@ with the scale applied to the smaller operand (`benchmarks/attention.py` measure
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from ._validation import check_agent_attention_args
+
+# Devices on which the training path (autograd) also goes through SDPA. CPU is not one: there SDPA falls back to
+# its unfused math kernel as soon as a mask requires grad, slower than the explicit matmuls.
+SDPA_TRAINING_DEVICES: tuple[str, ...] = ("cuda",)
+
+
+def _as_4d(bias: torch.Tensor) -> torch.Tensor:
+    """Leading unit dims up to 4-D: SDPA rejects a 1-D mask that broadcasting alone would accept."""
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
 
 
 def _agent_mask(
     agent_bias: torch.Tensor | None, key_padding_mask: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fold the key padding mask into B1. Returns (mask for SDPA, (B,) rows whose keys are all padded)."""
-    bias = None if agent_bias is None else agent_bias.to(dtype)
+    bias = None if agent_bias is None else _as_4d(agent_bias.to(dtype))
     if key_padding_mask is None:
         return bias, None
     # A sequence with every key padded would make a softmax over nothing (NaN): unmask it for the kernel
@@ -67,20 +78,35 @@ def agent_attention(
 
     Returns:
         (B, H, N, d_v). Biases are cast to the dtype of q. B = 0 gives an empty result.
+
+    NaN is not checked for (that would cost a device sync): it propagates. A NaN in a query gives a NaN output
+    row; a NaN in a key, value or agent of a (batch, head) reaches every output row of that (batch, head).
+    fp16/bf16 inputs get fp32 logits and softmax on every path.
     """
     check_agent_attention_args(q, k, v, agents, agent_bias, query_bias, key_padding_mask, dropout_p, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     p = dropout_p if training else 0.0
     mask1, all_padded = _agent_mask(agent_bias, key_padding_mask, q.dtype)
-    mask2 = None if query_bias is None else query_bias.to(q.dtype)
+    mask2 = None if query_bias is None else _as_4d(query_bias.to(q.dtype))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, agents, agent_bias, query_bias)
     )
-    attend = _attend_matmul if needs_grad else _attend_sdpa
+    # Under torch.export (and so ONNX export) record the explicit matmuls: plain MatMul/Softmax nodes for any
+    # runtime, and no SDPA decomposition whose output strides differ from the eager kernel's.
+    # On GPU, SDPA also trains: its memory-efficient kernel takes an additive mask and returns its gradient,
+    # so training never materialises the (B, H, N, n) and (B, H, n, M) probabilities for autograd.
+    sdpa_trains = q.device.type in SDPA_TRAINING_DEVICES
+    explicit = (needs_grad and not sdpa_trains) or torch.compiler.is_exporting()
+    attend = _attend_matmul if explicit else _attend_sdpa
     agent_values = attend(agents, k, v, mask1, p, s)  # (B, H, n, d_v)
     if all_padded is not None:
         agent_values = agent_values.masked_fill(all_padded[:, None, None, None], 0.0)
-    return attend(q, agents, agent_values, mask2, p, s)  # (B, H, N, d_v)
+    out = attend(q, agents, agent_values, mask2, p, s)  # (B, H, N, d_v)
+    if attend is _attend_sdpa:
+        # PyTorch's fused CPU kernel returns zeros for a query row holding NaN; keep NaN in -> NaN out, as the
+        # other paths do (adding ±0 changes nothing else, bit for bit).
+        out = out + q.sum(dim=-1, keepdim=True).mul(0.0)
+    return out
 
 
 def _attend_sdpa(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
@@ -88,12 +114,23 @@ def _attend_sdpa(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
 
 
 def _attend_matmul(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
-    """softmax(s·q·kᵀ + bias)·v with explicit matmuls; s multiplies whichever of q or the logits is smaller."""
-    if q.shape[-1] <= k.shape[-2]:
-        logits = (q * scale) @ k.transpose(-2, -1)
-    else:
-        logits = (q @ k.transpose(-2, -1)) * scale
-    if bias is not None:
-        logits = logits + bias
-    probs = F.dropout(logits.softmax(dim=-1), dropout_p, training=dropout_p > 0)
+    """softmax(s·q·kᵀ + bias)·v with explicit matmuls; s multiplies whichever of q or the logits is smaller.
+
+    Logits and softmax are computed in fp32 when the inputs are fp16/bf16 or autocast is on, as the fused SDPA
+    kernels do: rounded half-precision logits at |logit| ~ 1e4 are off by tens, which flips the softmax.
+    """
+    device_type = q.device.type
+    upcast = q.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if upcast else contextlib.nullcontext():
+        if upcast:
+            q, k = q.float(), k.float()
+            bias = None if bias is None else bias.float()
+        if q.shape[-1] <= k.shape[-2]:
+            logits = (q * scale) @ k.transpose(-2, -1)
+        else:
+            logits = (q @ k.transpose(-2, -1)) * scale
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)  # max-subtracted by torch
+    probs = F.dropout(probs.to(v.dtype), dropout_p, training=dropout_p > 0)
     return probs @ v

@@ -6,8 +6,12 @@ is compared with.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from ._validation import check_tensors
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -23,9 +27,9 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     Returns:
         (B, H, N, d_v).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, d), got shape {tuple(t.shape)}")
+    check_tensors((("q", q), ("k", k), ("v", v)), 4, "(B, H, L, d)")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps}")
     if k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1] or v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"q (B, H, N, d), k (B, H, M, d) and v (B, H, M, d_v) disagree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"

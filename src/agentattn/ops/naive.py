@@ -43,8 +43,41 @@ def agent_attention(
         (B, H, N, d_v).
     """
     check_agent_attention_args(q, k, v, agents, agent_bias, query_bias, key_padding_mask, dropout_p, scale)
-    s = q.shape[-1] ** -0.5 if scale is None else scale
+    agent_probs, query_probs = agent_attention_weights(
+        q,
+        k,
+        agents,
+        scale=scale,
+        agent_bias=agent_bias,
+        query_bias=query_bias,
+        key_padding_mask=key_padding_mask,
+    )
     p = dropout_p if training else 0.0
+    agent_values = F.dropout(agent_probs, p, training=p > 0) @ v  # (B, H, n, d_v)
+    query_probs = F.dropout(query_probs, p, training=p > 0)
+    return query_probs @ agent_values  # (B, H, N, d_v)
+
+
+def agent_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    agents: torch.Tensor,
+    *,
+    scale: float | None = None,
+    agent_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two attention matrices of agent attention, materialised (for inspection and the reference).
+
+    Args: as :func:`agent_attention` (q (B, H, N, d), k (B, H, M, d), agents (B, H, n, d)).
+
+    Returns:
+        ``(agent_probs, query_probs)``: (B, H, n, M), what each agent gathers from each key (rows sum to 1,
+        or 0 for an agent whose keys are all padded); and (B, H, N, n), what each query reads from each agent.
+    """
+    check_agent_attention_args(q, k, k, agents, agent_bias, query_bias, key_padding_mask, 0.0, scale)
+    s = q.shape[-1] ** -0.5 if scale is None else scale
 
     # Agent aggregation: n agents attend over the M keys.
     agent_logits = (agents * s) @ k.transpose(-2, -1)  # (B, H, n, M)
@@ -57,12 +90,9 @@ def agent_attention(
     if key_padding_mask is not None:
         all_padded = key_padding_mask.all(dim=-1)[:, None, None, None]  # (B, 1, 1, 1)
         agent_probs = torch.where(all_padded, torch.zeros_like(agent_probs), agent_probs)
-    agent_probs = F.dropout(agent_probs, p, training=p > 0)
-    agent_values = agent_probs @ v  # (B, H, n, d_v)
 
     # Agent broadcast: N queries attend over the n agents.
     query_logits = (q * s) @ agents.transpose(-2, -1)  # (B, H, N, n)
     if query_bias is not None:
         query_logits = query_logits + query_bias.to(q.dtype)
-    query_probs = F.dropout(query_logits.softmax(dim=-1), p, training=p > 0)
-    return query_probs @ agent_values  # (B, H, N, d_v)
+    return agent_probs, query_logits.softmax(dim=-1)

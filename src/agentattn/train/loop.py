@@ -218,19 +218,54 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _KeepWriteError:
+    """File wrapper that keeps the OSError of a failed write (torch.save reports it as an unrelated RuntimeError)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
 
     A crash at any point leaves either the old file or the new one in place, never a partial one.
+
+    Raises:
+        OSError: the write failed (disk full, ...); the message names ``path`` and says the previous file is
+            unchanged. The temp file is removed.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as err:
+                if writer.error is None:
+                    raise
+                raise writer.error from err
             f.flush()
             os.fsync(f.fileno())
+        pause = os.environ.get("AGENTATTN_TEST_SAVE_PAUSE_S")
+        if pause:  # tests only: widen the window between the complete temp file and the rename (kill tests)
+            time.sleep(float(pause))
         os.replace(tmp, path)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(
+            err.errno, f"{path} could not be written ({reason}); the previous file is unchanged"
+        ) from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -350,12 +385,61 @@ def evaluate(
     }
 
 
+def check_config(config: TrainConfig) -> None:
+    """ValueError naming the option (as on the command line) for out-of-range settings, before any work."""
+
+    def bad(name: str, want: str) -> ValueError:
+        return ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(config, name)!r}")
+
+    for name in ("epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise bad(name, "at least 1")
+    for name in (
+        "cooldown_epochs",
+        "lr_base_batch",
+        "threads",
+        "num_workers",
+        "ckpt_every_steps",
+        "max_steps",
+    ):
+        if getattr(config, name) < 0:
+            raise bad(name, ">= 0")
+    for name in ("lr", "warmup_lr", "min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix", "clip_grad",
+                 "eps", "color_jitter"):  # fmt: skip
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise bad(name, "a finite number >= 0")
+    if not config.lr > 0:
+        raise bad("lr", "> 0")
+    for name in ("label_smoothing", "ema_decay"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise bad(name, "in [0, 1)")
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        if not 0.0 <= getattr(config, name) <= 1.0:
+            raise bad(name, "in [0, 1]")
+    if config.drop_path is not None and not 0.0 <= config.drop_path < 1.0:
+        raise bad("drop_path", "in [0, 1)")
+    for name in ("img_size", "train_subset", "eval_subset"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise bad(name, "a positive int")
+    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith(("cuda:", "mps", "xpu")):
+        raise bad("device", "auto, cpu or cuda[:N]")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: CUDA is not available on this machine; use --device cpu")
+
+
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     if name == "cuda":
         return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from err
 
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
@@ -378,6 +462,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
         ValueError: bad data source, model name or kwargs, or an unusable checkpoint with ``resume``.
     """
     # ---- processes, devices, determinism
+    check_config(config)
     _check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
