@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .._io import atomic_write_text
 from ..deploy.export import example_input, export_onnx, export_program, load_model
 from ..deploy.quantize import OnnxModel, quantize_onnx_int8
 from .attention import environment
@@ -202,10 +203,10 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.markdown:
-        args.markdown.write_text(table + "\n")
+        atomic_write_text(args.markdown, table + "\n")
     if args.json:
         payload = {"environment": env, "img_size": args.img_size, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")
     return 0
 
 

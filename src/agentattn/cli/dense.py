@@ -18,6 +18,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
+from .._io import atomic_write_text
 from .train import parse_model_kwargs
 
 
@@ -140,8 +141,7 @@ def _eval(args: argparse.Namespace) -> int:
             metrics = evaluate_segmentation(model, data.val, data.num_classes, args.batch_size, device)
     print(json.dumps(metrics, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=1)
+        atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n")
     return 0
 
 
@@ -169,8 +169,7 @@ def _compare(args: argparse.Namespace) -> int:
             f"{r['variant']:14s} {r['params'] / 1e6:9.2f} {r['flops'] / 1e9:17.1f} {r['backbone_flops'] / 1e9:16.1f} {lat}"
         )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 

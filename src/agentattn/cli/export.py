@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._io import atomic_write_text
 from ..deploy.export import (
     DEFAULT_OPSET,
     check_runs,
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"test accuracy (--data {args.data or spec.data or 'fashion-mnist'}):")
                 report["eval"] = _evaluate(models, args, spec)
         if args.json:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     except (ValueError, OSError, ImportError) as err:
         print(f"agentattn export: error: {_one_line(err)}", file=sys.stderr)
         return 1

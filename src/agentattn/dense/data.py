@@ -16,9 +16,8 @@ the images in ``PATH/{split}2017`` (or ``PATH/{split}``); ``--data ade20k:PATH``
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .._io import atomic_write_bytes
 
 __all__ = [
     "SYNTHETIC_CLASSES",
@@ -231,19 +232,6 @@ def to_coco_dict(dataset: Dataset, indices: list[int] | None = None) -> dict[str
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_coco(dataset: SyntheticShapes, root: str | Path, split: str | None = None) -> Path:
     """Write ``root/{split}/NNNNNN.png`` and ``root/annotations/instances_{split}.json``; return the json path.
 
@@ -256,9 +244,12 @@ def export_coco(dataset: SyntheticShapes, root: str | Path, split: str | None = 
         image = dataset.generate(i)[0]
         out = root / split / f"{i:06d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(out)
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")  # not-atomic: into memory, written atomically below
+        atomic_write_bytes(out, png.getvalue())
     path = root / "annotations" / f"instances_{split}.json"
-    _atomic_write_bytes(path, json.dumps(to_coco_dict(dataset)).encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(to_coco_dict(dataset)).encode())
     return path
 
 

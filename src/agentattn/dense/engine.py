@@ -310,7 +310,7 @@ def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str,
     out_dir = Path(config.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "metrics.jsonl"
-    log.write_text("")
+    log.write_text("")  # not-atomic: starts the run's append-only log
 
     params_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     params_other = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]

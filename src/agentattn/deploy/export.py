@@ -311,7 +311,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 def export_torch(program: torch.export.ExportedProgram, out: str | os.PathLike) -> Path:
     """Save ``program`` with ``torch.export.save`` to ``out`` (atomically); load it with :func:`load_exported`."""
     with atomic_output(out) as tmp:
-        torch.export.save(program, tmp)
+        torch.export.save(program, tmp)  # not-atomic: the temp file atomic_output renames into place
     return Path(out)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_write_text
 from .data import ByteCorpus, eval_windows, random_batch
 from .model import AgentLM
 
@@ -111,7 +112,9 @@ def train_lm(
     metrics_file = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out / "metrics.jsonl", "w")  # closed in the finally below
+        # An append-only log, closed in the finally below.
+        metrics_file = open(out / "metrics.jsonl", "w")  # not-atomic: a log
+
     history: list[dict[str, float]] = []
     model.train()
     start = time.perf_counter()
@@ -166,8 +169,8 @@ def train_lm(
     }
     if out is not None:
         model.save(out / "model.safetensors", {"val_bpb": f"{val_bpb:.6f}", "data": corpus.source})
-        (out / "result.json").write_text(
-            json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2)
+        atomic_write_text(
+            out / "result.json", json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2)
         )
     if log is not None:
         log(

@@ -29,7 +29,7 @@ TWIN_COLORS = {"agent": "tab:red", "softmax": "tab:blue", "linear": "tab:green"}
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 110) -> Path:
     """Render ``fig`` to PNG bytes, write them atomically to ``path``, close the figure."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")  # not-atomic: into memory
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
 

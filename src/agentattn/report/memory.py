@@ -66,7 +66,7 @@ def _status_kib(field: str) -> int | None:
 def _reset_peak() -> int:
     """Reset the peak resident set to the current one where Linux allows it; return the baseline in KiB."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        Path("/proc/self/clear_refs").write_text("5")  # not-atomic: a kernel control file
         current = _status_kib("VmRSS")
         if current is not None:
             return current
