@@ -10,7 +10,8 @@ def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
     for block in blocks:
-        if block.startswith("# needs:"):  # an example that needs files a clone does not have (e.g. SD weights)
+        # An example that needs files a clone does not have (e.g. SD weights) says so on its first line.
+        if block.startswith("# needs:"):
             continue
         exec(compile(block, str(README), "exec"), {"__name__": "readme"})
 
