@@ -25,6 +25,7 @@ import timm
 import torch
 from torch import nn
 
+from .._io import atomic_path
 from ..layers.agent_attention import AgentAttentionBase
 from ..models._checkpoint import load_checkpoint, load_pretrained, safe_torch_load
 from ..train.loop import CHECKPOINT_FORMAT, _check_model_name
@@ -290,7 +291,7 @@ def export_program(
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it is deleted.
+    """:func:`agentattn._io.atomic_path` with the export checks: a temp path that replaces ``path`` on success.
 
     Raises:
         ValueError: the directory of ``path`` does not exist, or ``path`` is a directory.
@@ -300,12 +301,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise ValueError(f"output {path} is a directory; give a file name")
     if not path.parent.is_dir():
         raise ValueError(f"output directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_torch(program: torch.export.ExportedProgram, out: str | os.PathLike) -> Path:
