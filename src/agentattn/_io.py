@@ -18,7 +18,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` for any writer; on success it is fsynced and replaces ``path``, on
     failure it is deleted. The temp name keeps the suffix, for writers that pick a format from it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb") as f:
