@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Measure everything BENCHMARKS.md shows and regenerate it: one command, run from the repository root.
-#   benchmarks/run_all.sh            # attention sweep + model throughput + report (about 30 min on 2 cores)
-#   benchmarks/run_all.sh report     # only regenerate BENCHMARKS.md from build/bench/*.json
+# Measure what BENCHMARKS.md shows and regenerate it: one command, run from the repository root.
+#   benchmarks/run_all.sh              # attention sweep + model throughput + report (about 25 min on 2 cores)
+#   benchmarks/run_all.sh attention    # only the attention sweep, then the report
+#   benchmarks/run_all.sh model        # only the model throughput, then the report
+#   benchmarks/run_all.sh report       # only regenerate BENCHMARKS.md from benchmarks/results/*.json
+# The measured JSON lands in benchmarks/results/ and is committed with BENCHMARKS.md. Sections measured elsewhere
+# (the GPU run of benchmarks/gpu_check.sh, `agentattn bench sd`, ...) are JSON files in benchmarks/results/sections/.
 # Heavy runs hold build/cpu.lock so that timings on a shared machine do not overlap.
 set -euo pipefail
 BIN=${AGENTATTN:-.venv/bin/agentattn}
-mkdir -p build/bench/sections
-if [[ "${1:-all}" != report ]]; then
+PART=${1:-all}
+RESULTS=benchmarks/results
+mkdir -p build "$RESULTS/sections"
+if [[ "$PART" == all || "$PART" == attention ]]; then
 	flock build/cpu.lock "$BIN" bench attention --compile --budget 3 --rounds 3 --case-timeout 90 \
-		--mem-limit-gb 6 --json build/bench/attention.json --plot build/bench/attention.png
-	flock build/cpu.lock "$BIN" bench model --img-size 224 448 --batch 8 --rounds 2 \
-		--json build/bench/model.json
+		--mem-limit-gb 6 --json "$RESULTS/attention.json"
+fi
+if [[ "$PART" == all || "$PART" == model ]]; then
+	flock build/cpu.lock "$BIN" bench model --img-size 224 448 --batch 8 --rounds 2 --json "$RESULTS/model.json"
 fi
 "$BIN" bench report --output BENCHMARKS.md --figures benchmarks/figures

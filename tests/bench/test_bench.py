@@ -142,3 +142,19 @@ def test_report_goals_from_a_sweep():
     }
     goals = report.attention_goals(result)
     assert [g["met"] for g in goals[:2]] == [True, False]
+
+
+def test_fresh_process_peak_memory_sees_a_large_case():
+    # A materialised (2, 2, 1025, 1025) fp32 softmax holds 16 MiB per matrix: the figure must show it, even though
+    # importing torch peaked higher before the call (the peak is reset first).
+    spec = {
+        "case": "softmax-explicit",
+        "tokens": 1025,
+        "batch": 2,
+        "dim": 32,
+        "heads": 2,
+        "agents": 4,
+        "threads": 1,
+    }
+    result = attention.measure_in_subprocess({**spec, "modes": ["fwd"]}, timeout_s=120)
+    assert result["fwd"]["peak_mb"] >= 16, result

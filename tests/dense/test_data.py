@@ -53,6 +53,8 @@ def test_coco_export_reads_back(tmp_path):
     assert torch.allclose(image, ds[img_id][0], atol=1 / 255)
     assert torch.equal(target["boxes"], ds.target(img_id)["boxes"])
     gt = reader.coco.dataset
+    # COCO files carry "info"; pycocotools 2.0.10's loadRes copies it and fails without it (seen on a GPU machine).
+    assert "info" in gt and "licenses" in gt
     results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in gt["annotations"]]  # fmt: skip
     assert _coco_eval(gt, results, "bbox")["bbox_mAP_50"] == pytest.approx(1.0)

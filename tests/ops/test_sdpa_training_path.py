@@ -1,7 +1,7 @@
 """The GPU training path (SDPA under autograd), exercised on CPU by enabling it for the CPU device.
 
-On CUDA, ``agent_attention`` trains through ``scaled_dot_product_attention`` (memory-efficient kernel, additive
-mask with gradient) instead of explicit matmuls. No GPU is available in CI, so the same dispatch is switched on
+On CUDA, ``agent_attention`` trains small problems (below ``CUDA_LARGE_WORK``) through
+``scaled_dot_product_attention`` (memory-efficient kernel, additive mask with gradient) instead of explicit matmuls. No GPU is available in CI, so the same dispatch is switched on
 for CPU here, where SDPA runs its math kernel: outputs and gradients must match the naive reference.
 """
 

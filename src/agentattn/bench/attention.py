@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from torch import nn
 
 from ..layers import AgentAttention, LinearAttention
 from ..ops import agent_attention
+from ..report.memory import peak_kib, reset_peak_kib
 from .official import OfficialAgentAttention, SoftmaxAttention
 from .timing import median_ms
 
@@ -137,12 +137,6 @@ def time_mode(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], obje
 
 
 # -- one case in a fresh process: peak memory and a cold timing ---------------------------------------------------
-def _maxrss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux and bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def _worker(spec: dict) -> None:
     """Run one case once per mode and print one JSON line per mode: peak memory rise and wall time."""
     torch.set_num_threads(spec["threads"])
@@ -160,11 +154,13 @@ def measure_case(spec: dict):
     x = torch.randn(spec["batch"], spec["tokens"], spec["dim"])
     for mode in spec["modes"]:
         call = time_mode(layer, x, mode)
-        base = _maxrss_bytes()
+        # Reset the peak resident set first: a higher peak reached earlier (imports, the previous mode) must
+        # not hide this call's own.
+        base = reset_peak_kib()
         t0 = time.perf_counter()
         call()
         elapsed = time.perf_counter() - t0
-        yield mode, {"peak_mb": (_maxrss_bytes() - base) / 2**20, "cold_ms": elapsed * 1e3}
+        yield mode, {"peak_mb": max(0, peak_kib() - base) / 1024, "cold_ms": elapsed * 1e3}
 
 
 def measure_in_subprocess(spec: dict, timeout_s: float) -> dict[str, dict]:

@@ -167,6 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per case")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--section", type=Path, default=None, help="also write a `bench report` section JSON")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,6 +205,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"total {time.perf_counter() - start:.0f} s")
     if args.markdown:
         atomic_write_text(args.markdown, table + "\n")
+    if args.section:
+        from .attention import command_line
+        from .report import write_section
+
+        note = (
+            f"Random weights, {args.img_size}², {args.threads} threads. Images/s are medians after warm-up; "
+            "`compile` is `torch.compile` (inductor; compile time not counted). The last column is the ONNX "
+            "parity check, max |Δlogits| between onnxruntime fp32 and eager at batch 1 and 3."
+        )
+        write_section(args.section, "Deployment: eager, torch.compile, onnxruntime fp32 and int8",
+                      command_line("deploy"), env, note + "\n\n" + table)  # fmt: skip
     if args.json:
         payload = {"environment": env, "img_size": args.img_size, "results": [asdict(r) for r in results]}
         atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")

@@ -367,6 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     add("--device", default="cpu")
     add("--json", default="runs/bench_sd.json", help="results file")
+    add("--section", default=None, help="also write a `bench report` section JSON")
     add("--plot", default="runs/bench_sd.png", help="plot file ('' for none)")
 
 
@@ -447,4 +448,41 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         print(f"wrote {args.plot}" if plot(rows, args.plot) else "matplotlib not installed: no plot")
+    if args.section:
+        from .attention import command_line
+        from .report import write_section
+
+        write_section(args.section, "Stable Diffusion: AgentSD vs ToMe (tomesd)", command_line("sd"), env,
+                      section_markdown(rows, args), sd_goals(rows))  # fmt: skip
     return 0
+
+
+def sd_goals(rows: list[Row]) -> list[dict]:
+    """The issue's speed goals for SD v1.5 at 128² latents, checked against one run."""
+
+    def find(method: str) -> Row | None:
+        return next((r for r in rows if r.model == "sd15" and r.latent == 128 and r.method == method), None)
+
+    agent, tome = find("agentsd"), find("tomesd")
+    goals = [
+        {
+            "goal": "SD v1.5 UNet at 128² latents: AgentSD ≥ 1.6× faster than unpatched",
+            "value": f"{agent.speedup:.2f}×" if agent else "–",
+            "met": None if agent is None else agent.speedup >= 1.6,
+        }
+    ]
+    goals.append({"goal": "… and faster than tomesd (ratio 0.5) in the same run",
+                  "value": f"{agent.speedup:.2f}× vs {tome.speedup:.2f}×" if agent and tome else "–",
+                  "met": None if not (agent and tome) else agent.ms < tome.ms})  # fmt: skip
+    return goals
+
+
+def section_markdown(rows: list[Row], args: argparse.Namespace) -> str:
+    return (
+        f"Full-size UNets from their published configs, random weights, batch {args.batch}, fp32, "
+        f"{args.threads} threads on {args.device}; {args.warmup} warm-up and the median of {args.repeats} timed "
+        "forwards per case, interleaved. AgentSD: ratio {r}, agent_ratio {a}, sx = sy = {sx}; tomesd: ratio {t}, "
+        "its other defaults.\n\n".format(r=args.ratio, a=args.agent_ratio, sx=args.sx,
+                                          t=args.ratio if args.tome_ratio is None else args.tome_ratio)
+        + format_table(rows)
+    )  # fmt: skip

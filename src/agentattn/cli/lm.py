@@ -125,6 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, default=2.0, help="timing budget per point")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--section", default=None, help="also write a `bench report` section JSON")
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,6 +257,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(path, json.dumps(result, indent=1))
         print(f"wrote {path}")
+    if args.section:
+        from ..bench.attention import command_line, environment
+        from ..bench.report import write_section
+        from ..lm.bench import section_markdown, speed_goals
+
+        command = command_line("lm").replace("agentattn bench lm", "agentattn lm")
+        write_section(args.section, "Causal agent attention (language modelling)", command,
+                      environment(args.threads), section_markdown(result), speed_goals(result))  # fmt: skip
     return 0
 
 

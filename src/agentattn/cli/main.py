@@ -13,6 +13,7 @@ agentattn export NAME [--checkpoint FILE] --format onnx|torch-export [--img-size
 agentattn bench deploy [--models NAME...] [--batches 1 32] [--json FILE] [--markdown FILE]
 agentattn sd --model PIPELINE_DIR --prompt TEXT... [--baseline]
 agentattn bench sd [--models sd15 sdxl] [--latents 64 96 128]
+agentattn bench gpu [--tokens 4096 16384 65536] [--json FILE] [--section FILE]   # needs CUDA
 agentattn lm train|eval|sample|compare|bench [...]
 
 Each command module provides ``add_arguments(parser)`` and ``run(args) -> int``.
@@ -26,6 +27,7 @@ from types import ModuleType
 
 from ..bench import attention as bench_attention
 from ..bench import deploy as bench_deploy
+from ..bench import gpu as bench_gpu
 from ..bench import model as bench_model
 from ..bench import report as bench_report
 from ..bench import sd as bench_sd
@@ -54,6 +56,7 @@ BENCHMARKS: list[tuple[str, ModuleType, str]] = [
     ("report", bench_report, "regenerate BENCHMARKS.md from the measured JSON files"),
     ("deploy", bench_deploy, "CPU throughput: eager, torch.compile, onnxruntime fp32/int8"),
     ("sd", bench_sd, "SD v1.5 / SDXL UNet forward: unpatched vs AgentSD vs tomesd"),
+    ("gpu", bench_gpu, "CUDA: check every path, time fused agent attention vs FlashAttention (bf16)"),
 ]
 
 

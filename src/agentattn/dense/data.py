@@ -229,7 +229,15 @@ def to_coco_dict(dataset: Dataset, indices: list[int] | None = None) -> dict[str
                 }
             )
     categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(dataset.classes)]
-    return {"images": images, "annotations": annotations, "categories": categories}
+    # "info" and "licenses" as in COCO files: some pycocotools versions (2.0.10) read "info" in loadRes.
+    info = {"description": "agentattn synthetic shapes", "version": "1.0"}
+    return {
+        "info": info,
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def export_coco(dataset: SyntheticShapes, root: str | Path, split: str | None = None) -> Path:

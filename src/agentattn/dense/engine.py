@@ -82,7 +82,7 @@ class DenseConfig:
     max_steps: int | None = None
     time_limit_min: float | None = 15.0  # then evaluate: the default run ends within 20 min on 2 CPU cores
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = 6e-4  # best stable value of benchmarks/dense_lr_sweep.sh at the CPU budget (2e-3 diverges)
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     clip_grad: float = 5.0

@@ -186,3 +186,65 @@ def run_benchmark(
         "crossover_context_layer_forward": crossover(layer_rows, "agent_ms", "softmax_ms"),
         "crossover_context_decode": crossover(decode_rows, "agent_ms_per_token", "softmax_ms_per_token"),
     }
+
+
+def _row(rows: list[dict[str, Any]], context: int) -> dict[str, Any] | None:
+    return next((r for r in rows if r["context"] == context), None)
+
+
+def speed_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's speed goals (d_model 256, 4 heads, batch 1, CPU), checked against one run."""
+    layer = _row(result["layer_forward"], 16384)
+    dec = _row(result["decode"], 8192)
+    goals = [
+        {"goal": "one layer's forward at T = 16384: ≥ 5× faster than causal SDPA",
+         "value": f"{layer['agent_speedup_vs_softmax']:.2f}×" if layer else "–",
+         "met": None if layer is None else layer["agent_speedup_vs_softmax"] >= 5},
+        {"goal": "4-layer decode at context 8192: per-token latency ≤ 0.5× the softmax KV-cache decode",
+         "value": f"{dec['agent_latency_ratio_vs_softmax']:.2f}×" if dec else "–",
+         "met": None if dec is None else dec["agent_latency_ratio_vs_softmax"] <= 0.5},
+        {"goal": "decode state ≥ 10× smaller than the KV cache at context 8192",
+         "value": f"{dec['softmax_kv_over_agent_state']:.0f}× smaller" if dec else "–",
+         "met": None if dec is None else dec["softmax_kv_over_agent_state"] >= 10},
+    ]  # fmt: skip
+    return goals
+
+
+def section_markdown(result: dict[str, Any]) -> str:
+    """Tables of one ``agentattn lm bench`` result, for BENCHMARKS.md."""
+    setup = result["setup"]
+    lines = [
+        f"CPU, fp32, batch 1, {setup['threads']} threads; d_model {setup['d_model']}, {setup['n_heads']} heads, "
+        f"agent config {setup['agent_config']}. Softmax is causal SDPA (KV cache when decoding); linear is causal "
+        "elu+1 linear attention.",
+        "",
+        "| T | agent layer (ms) | softmax (ms) | linear (ms) | softmax / agent |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["layer_forward"]:
+        lines.append(
+            f"| {r['context']} | {r['agent_ms']:.2f} | {r['softmax_ms']:.2f} | {r['linear_ms']:.2f} | "
+            f"{r['agent_speedup_vs_softmax']:.2f}× |"
+        )
+    lines += [
+        "",
+        "| context | agent decode (ms/token) | softmax KV cache (ms/token) | linear (ms/token) | agent / softmax "
+        "| KV cache / agent state |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["decode"]:
+        lines.append(
+            f"| {r['context']} | {r['agent_ms_per_token']:.3f} | {r['softmax_ms_per_token']:.3f} | "
+            f"{r['linear_ms_per_token']:.3f} | {r['agent_latency_ratio_vs_softmax']:.2f}× | "
+            f"{r['softmax_kv_over_agent_state']:.0f}× |"
+        )
+    lines += [
+        "",
+        f"Crossover: the agent layer's forward overtakes softmax from T ≈ {_fmt_context(result['crossover_context_layer_forward'])}; "
+        f"agent decoding overtakes the KV cache from context ≈ {_fmt_context(result['crossover_context_decode'])}.",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_context(value: float | None) -> str:
+    return "– (not within the measured range)" if value is None else f"{value:,.0f}"

@@ -250,8 +250,14 @@ class AgentMixer(_Mixer):
         )
         v_t = self._merge(v)  # (B, 1, C)
         if self.dwc is not None:
-            y = y + self._conv(v_t, state.conv)
-            state.conv = torch.cat([state.conv, v_t.transpose(1, 2)], dim=-1)[:, :, 1:]
+            # One output of the causal conv: Σ_k w[c, k]·x[c, k] over the last K values. Written out, it costs a
+            # few µs, where a Conv1d call on a (B, C, K) input costs ~0.1 ms of oneDNN set-up per token.
+            window = torch.cat([state.conv, v_t.transpose(1, 2)], dim=-1)  # (B, C, K)
+            conv = (window * self.dwc.weight[:, 0]).sum(-1)
+            if self.dwc.bias is not None:
+                conv = conv + self.dwc.bias
+            y = y + conv[:, None]
+            state.conv = window[:, :, 1:]
         return self.proj(y)
 
 

@@ -1,29 +1,43 @@
-"""Fast agent attention: two ``scaled_dot_product_attention`` calls.
+"""Fast agent attention: two ``scaled_dot_product_attention`` calls, or fused Triton kernels on CUDA.
 
 Agent attention is two small softmax attentions chained through the agents:
 
     Va = softmax(s·A·Kᵀ + B1) · V      # (n, M) weights: agents gather from all keys
     O  = softmax(s·Q·Aᵀ + B2) · Va     # (N, n) weights: queries read from the agents
 
-Each step is exactly what SDPA computes, with the bias as an additive mask. Without autograd we hand both
-to PyTorch's fused kernels (flash/efficient on GPU, the fused CPU kernel): about 2× faster than explicit
-matmuls at N = 197 on CPU. When gradients are needed, SDPA on CPU falls back to its unfused math kernel as
-soon as a bias requires grad, which measured slower than plain matmuls, so training takes the explicit path
-with the scale applied to the smaller operand (`benchmarks/attention.py` measures both).
+Each step is exactly what SDPA computes, with the bias as an additive mask. The path depends on the device
+and on autograd (``agentattn bench attention`` and ``agentattn bench gpu`` measure each):
+
+- CPU inference: both steps through SDPA's fused kernel (about 2× faster than matmuls at N = 197 for the agent
+  step, and ahead of them for the query step from N ≈ 3k on, where the (B, H, N, n) logits outgrow the cache).
+- CPU training: explicit matmuls. SDPA on CPU falls back to its unfused math kernel as soon as a mask requires
+  grad, which measured slower.
+- CUDA: SDPA for small problems; above ``CUDA_LARGE_WORK`` the fused Triton kernels of ``triton_agent`` for
+  inference (split-K over the keys, which SDPA cannot do for n ≈ 49 queries) and explicit matmuls for training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
 
+from . import triton_agent
 from ._validation import check_agent_attention_args
+
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", "matmul", "triton")
 
 # Devices on which the training path (autograd) also goes through SDPA. CPU is not one: there SDPA falls back to
 # its unfused math kernel as soon as a mask requires grad, slower than the explicit matmuls.
 SDPA_TRAINING_DEVICES: tuple[str, ...] = ("cuda",)
+
+# On CUDA, B·H·max(N, M) from which the large-size paths win (measured on an H200, bf16, n = 49, d = 64, by
+# `agentattn bench gpu`): the fused Triton forward (fixed cost ~0.2 ms, then 3.6× faster than SDPA at 64k tokens)
+# and, for training, explicit matmuls (SDPA's memory-efficient backward runs ~B·H programs for the n agent
+# rows, 3.2× slower than matmuls at 64k tokens, 2× faster at 4k).
+CUDA_LARGE_WORK = 1 << 16
 
 
 def _as_4d(bias: torch.Tensor) -> torch.Tensor:
@@ -59,6 +73,7 @@ def agent_attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Agent attention: softmax(s·Q·Aᵀ + B2) · softmax(s·A·Kᵀ + B1) · V, in O(N·n·d).
 
@@ -75,6 +90,11 @@ def agent_attention(
             gets zero agent values, hence a zero output.
         dropout_p: dropout probability on both attention matrices, applied only when ``training``.
         training: whether dropout is active.
+        backend: ``"auto"`` (default) picks per call: on CPU, SDPA for inference and explicit matmuls for
+            training; on CUDA, SDPA below ``CUDA_LARGE_WORK`` = B·H·max(N, M), and above it the fused Triton
+            kernels for inference and explicit matmuls for training; explicit matmuls under ``torch.export``.
+            ``"sdpa"``, ``"matmul"`` or ``"triton"`` force one; ``"triton"`` is forward-only and needs CUDA
+            (or ``TRITON_INTERPRET=1``).
 
     Returns:
         (B, H, N, d_v). Biases are cast to the dtype of q. B = 0 gives an empty result.
@@ -91,22 +111,68 @@ def agent_attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, agents, agent_bias, query_bias)
     )
-    # Under torch.export (and so ONNX export) record the explicit matmuls: plain MatMul/Softmax nodes for any
-    # runtime, and no SDPA decomposition whose output strides differ from the eager kernel's.
-    # On GPU, SDPA also trains: its memory-efficient kernel takes an additive mask and returns its gradient,
-    # so training never materialises the (B, H, N, n) and (B, H, n, M) probabilities for autograd.
-    sdpa_trains = q.device.type in SDPA_TRAINING_DEVICES
-    explicit = (needs_grad and not sdpa_trains) or torch.compiler.is_exporting()
-    attend = _attend_matmul if explicit else _attend_sdpa
+    chosen = _choose_backend(backend, q, v, agents, needs_grad, p)
+    if chosen == "triton":
+        out = triton_agent.agent_attention_triton(
+            q, k, v, agents, scale=s, agent_bias=mask1, query_bias=mask2
+        )
+        if all_padded is not None:  # zero agent values give a zero output
+            out = out.masked_fill(all_padded[:, None, None, None], 0.0)
+        return out
+    attend = _attend_matmul if chosen == "matmul" else _attend_sdpa
     agent_values = attend(agents, k, v, mask1, p, s)  # (B, H, n, d_v)
     if all_padded is not None:
         agent_values = agent_values.masked_fill(all_padded[:, None, None, None], 0.0)
     out = attend(q, agents, agent_values, mask2, p, s)  # (B, H, N, d_v)
-    if attend is _attend_sdpa:
+    if attend is _attend_sdpa and _may_hold_nan(q):
         # PyTorch's fused CPU kernel returns zeros for a query row holding NaN; keep NaN in -> NaN out, as the
-        # other paths do (adding ±0 changes nothing else, bit for bit).
+        # other paths do (adding ±0 changes nothing else).
         out = out + q.sum(dim=-1, keepdim=True).mul(0.0)
     return out
+
+
+def _may_hold_nan(q: torch.Tensor) -> bool:
+    """On CPU, one reduction tells (no sync to pay); elsewhere, and in a compiled graph (which a data-dependent
+    branch would break), assume yes."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return not bool(torch.isfinite(q.sum()))
+
+
+def _choose_backend(
+    backend: str, q: torch.Tensor, v: torch.Tensor, agents: torch.Tensor, needs_grad: bool, dropout_p: float
+) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_device = q.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu")
+    if backend == "triton":
+        if needs_grad or dropout_p > 0:
+            raise ValueError(
+                "backend='triton' is forward-only: call it without gradients and without dropout"
+            )
+        if not (triton_device and triton_agent.supports(q, v, agents)):
+            raise ValueError(
+                "backend='triton' needs Triton, a CUDA tensor (or TRITON_INTERPRET=1 on CPU), a float dtype and "
+                f"at most {triton_agent.MAX_AGENTS} agents and head dim {triton_agent.MAX_HEAD_DIM}; got device "
+                f"{q.device}, dtype {q.dtype}, n = {agents.shape[-2]}, d = {q.shape[-1]}, d_v = {v.shape[-1]}"
+            )
+        return "triton"
+    if backend != "auto":
+        return backend
+    # Under torch.export (and so ONNX export) record the explicit matmuls: plain MatMul/Softmax nodes for any
+    # runtime, and no SDPA decomposition whose output strides differ from the eager kernel's.
+    if torch.compiler.is_exporting() or (needs_grad and q.device.type not in SDPA_TRAINING_DEVICES):
+        return "matmul"
+    if not q.is_cuda:
+        return "sdpa"
+    large = q.shape[0] * q.shape[1] * max(q.shape[-2], v.shape[-2]) >= CUDA_LARGE_WORK
+    # Small CUDA problems train through SDPA: its memory-efficient kernel takes an additive mask and returns its
+    # gradient, so autograd keeps no (B, H, N, n) or (B, H, n, M) probabilities.
+    if needs_grad:
+        return "matmul" if large else "sdpa"
+    if dropout_p > 0 or torch.compiler.is_compiling() or not large:
+        return "sdpa"
+    return "triton" if triton_agent.supports(q, v, agents) else "sdpa"
 
 
 def _attend_sdpa(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
@@ -114,7 +180,7 @@ def _attend_sdpa(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
 
 
 def _attend_matmul(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tensor:
-    """softmax(s·q·kᵀ + bias)·v with explicit matmuls; s multiplies whichever of q or the logits is smaller.
+    """softmax(s·q·kᵀ + bias)·v with explicit matmuls; s is fused with the bias, else applied to the smaller operand.
 
     Logits and softmax are computed in fp32 when the inputs are fp16/bf16 or autocast is on, as the fused SDPA
     kernels do: rounded half-precision logits at |logit| ~ 1e4 are off by tens, which flips the softmax.
@@ -125,12 +191,12 @@ def _attend_matmul(q, k, v, bias, dropout_p: float, scale: float) -> torch.Tenso
         if upcast:
             q, k = q.float(), k.float()
             bias = None if bias is None else bias.float()
-        if q.shape[-1] <= k.shape[-2]:
+        if bias is not None:
+            logits = torch.add(bias, q @ k.transpose(-2, -1), alpha=scale)  # scale and bias in one pass
+        elif q.shape[-1] <= k.shape[-2]:
             logits = (q * scale) @ k.transpose(-2, -1)
         else:
             logits = (q @ k.transpose(-2, -1)) * scale
-        if bias is not None:
-            logits = logits + bias
         probs = logits.softmax(dim=-1)  # max-subtracted by torch
     probs = F.dropout(probs.to(v.dtype), dropout_p, training=dropout_p > 0)
     return probs @ v

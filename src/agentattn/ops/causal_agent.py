@@ -300,24 +300,41 @@ def causal_agent_attention(
 class CausalAgentState:
     """Decoding state of one causal agent-attention layer; its size depends on (B, H, n, C, d), not on T.
 
-    m, z: (B, H, n) memory max and normaliser; S: (B, H, n, d_v) memory sum; readout: S / z, cached (it only
-    changes when a chunk is folded in); ``has_memory`` is False until the first chunk has left the window. k_buf (B, H, 2C, d), v_buf (B, H, 2C, d_v): ring buffer of the window, slot
-    ``p % 2C`` holds position p; ``slot_pos`` (2C,) the position in each slot (-1: empty). t: tokens seen.
+    m, z: (B, H, n) memory max and normaliser; S: (B, H, n, d_v) memory sum. ``keys`` (B, H, n + 2C, d) and
+    ``values`` (B, H, n + 2C, d_v) hold what one decoding step attends over, so that the step is one SDPA call:
+    rows :n are the agents and the memory readouts S / z (cached; they change only when a chunk is folded in),
+    rows n: the ring buffer of the window, slot ``p % 2C`` holding position p. ``slot_pos`` (2C,) is the position
+    in each slot (-1: empty); ``has_memory`` is False until the first chunk has left the window; t: tokens seen.
     """
 
     m: torch.Tensor
     S: torch.Tensor
     z: torch.Tensor
-    readout: torch.Tensor
-    k_buf: torch.Tensor
-    v_buf: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
     slot_pos: torch.Tensor
     chunk_size: int
+    num_agents: int
     t: int = 0
     has_memory: bool = False
 
+    @property
+    def k_buf(self) -> torch.Tensor:
+        """(B, H, 2C, d) view: the window's keys."""
+        return self.keys[:, :, self.num_agents :]
+
+    @property
+    def v_buf(self) -> torch.Tensor:
+        """(B, H, 2C, d_v) view: the window's values."""
+        return self.values[:, :, self.num_agents :]
+
+    @property
+    def readout(self) -> torch.Tensor:
+        """(B, H, n, d_v) view: the memory readouts S / z."""
+        return self.values[:, :, : self.num_agents]
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.m, self.S, self.z, self.readout, self.k_buf, self.v_buf, self.slot_pos]
+        return [self.m, self.S, self.z, self.keys, self.values, self.slot_pos]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -329,16 +346,16 @@ def causal_agent_init_state(
 ) -> CausalAgentState:  # fmt: skip
     """Empty state (no token seen). ``dtype`` is the input dtype; half types keep a float32 state."""
     cd = _compute_dtype(dtype)
-    C2 = 2 * chunk_size
+    rows = num_agents + 2 * chunk_size
     return CausalAgentState(
         m=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
         S=torch.zeros(batch, heads, num_agents, value_dim, device=device, dtype=cd),
         z=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
-        readout=torch.zeros(batch, heads, num_agents, value_dim, device=device, dtype=cd),
-        k_buf=torch.zeros(batch, heads, C2, head_dim, device=device, dtype=cd),
-        v_buf=torch.zeros(batch, heads, C2, value_dim, device=device, dtype=cd),
-        slot_pos=torch.full((C2,), -1, device=device, dtype=torch.long),
+        keys=torch.zeros(batch, heads, rows, head_dim, device=device, dtype=cd),
+        values=torch.zeros(batch, heads, rows, value_dim, device=device, dtype=cd),
+        slot_pos=torch.full((2 * chunk_size,), -1, device=device, dtype=torch.long),
         chunk_size=chunk_size,
+        num_agents=num_agents,
     )
 
 
@@ -353,7 +370,7 @@ def _fold_into_state(
     for c in range(kc.shape[2]):
         m, S, z = _fold(m, S, z, mu[:, :, c], S_hat[:, :, c], z_hat[:, :, c], step_decay)
     state.m, state.S, state.z, state.has_memory = m, S, z, True
-    state.readout = S / z[..., None]
+    state.readout.copy_(S / z[..., None])
 
 
 @torch.no_grad()
@@ -411,10 +428,14 @@ def causal_agent_step(
     _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
     if q.shape[2] != 1:
         raise ValueError(f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}")
-    if state.k_buf.shape[:2] != q.shape[:2] or state.k_buf.device != q.device:
+    if (
+        state.k_buf.shape[:2] != q.shape[:2]
+        or state.k_buf.device != q.device
+        or state.num_agents != agents.shape[1]
+    ):
         raise ValueError(
-            f"state was made for (B, H) = {tuple(state.k_buf.shape[:2])} on {state.k_buf.device}, "
-            f"got q {tuple(q.shape[:2])} on {q.device}"
+            f"state was made for (B, H) = {tuple(state.k_buf.shape[:2])} and n = {state.num_agents} on "
+            f"{state.k_buf.device}, got q {tuple(q.shape[:2])}, n = {agents.shape[1]} on {q.device}"
         )
     out_dtype, cd = q.dtype, state.k_buf.dtype
     q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
@@ -431,16 +452,19 @@ def causal_agent_step(
     state.k_buf[:, :, slot] = k[:, :, 0]
     state.v_buf[:, :, slot] = v[:, :, 0]
     state.slot_pos[slot] = t
-    valid = (state.slot_pos >= 0) & (state.slot_pos >= (c - 1) * C)  # (2C,)
-    read = s * torch.einsum("bhid,hnd->bhin", q, agents)  # (B, H, 1, n)
-    if agent_bias is not None:
-        read = read + agent_bias.to(cd)[None, :, None, :]
-    if not state.has_memory:
-        read = torch.full_like(read, float("-inf"))
-    scores = (s * q @ state.k_buf.transpose(-2, -1)).masked_fill(~valid, float("-inf"))  # (B, H, 1, 2C)
-    probs = torch.softmax(torch.cat([read, scores], dim=-1), dim=-1)
-    out = probs[..., n:] @ state.v_buf
+    # One softmax over [agents | window]: agent logits s·q·a + b read the memory (only once it exists), window
+    # logits s·q·k read the keys of the previous and the current chunk up to t.
+    window = torch.where(state.slot_pos >= max((c - 1) * C, 0), 0.0, float("-inf")).to(cd)  # (2C,)
     if state.has_memory:
-        out = out + probs[..., :n] @ state.readout
+        state.keys[:, :, :n] = agents
+        bias = torch.zeros_like(agents[..., 0]) if agent_bias is None else agent_bias.to(cd)  # (H, n)
+        mask = torch.cat([bias, window.expand(bias.shape[0], -1)], dim=-1)[
+            None, :, None, :
+        ]  # (1, H, 1, n + 2C)
+        out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=mask, scale=s)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, state.k_buf, state.v_buf, attn_mask=window[None, None, None], scale=s
+        )
     state.t = t + 1
     return out.to(out_dtype)

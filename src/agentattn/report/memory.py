@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["step_peak_memory_mib"]
+__all__ = ["peak_kib", "reset_peak_kib", "step_peak_memory_mib"]
 
 
 def step_peak_memory_mib(
@@ -63,7 +63,7 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def _reset_peak() -> int:
+def reset_peak_kib() -> int:
     """Reset the peak resident set to the current one where Linux allows it; return the baseline in KiB."""
     try:
         Path("/proc/self/clear_refs").write_text("5")  # not-atomic: a kernel control file
@@ -75,7 +75,7 @@ def _reset_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the old peak: a lower bound of the growth
 
 
-def _peak_kib() -> int:
+def peak_kib() -> int:
     return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
 
 
@@ -93,16 +93,16 @@ def _child(spec: dict[str, Any]) -> float:
     images, targets = torch.randn(size), torch.randint(0, spec["num_classes"], (spec["batch_size"],))
     if spec["mode"] == "train":
         optimizer = torch.optim.AdamW(model.parameters())
-        base = _reset_peak()
+        base = reset_peak_kib()
         loss = torch.nn.functional.cross_entropy(model.train()(images), targets)
         loss.backward()
         optimizer.step()
     else:
         model.eval()
-        base = _reset_peak()
+        base = reset_peak_kib()
         with torch.inference_mode():
             model(images)
-    return (_peak_kib() - base) / 1024.0
+    return (peak_kib() - base) / 1024.0
 
 
 if __name__ == "__main__":
