@@ -64,14 +64,19 @@ def write_section(
 
 
 def _env_line(env: dict | None) -> str:
+    """One line naming the machine and versions; fields a benchmark did not record are left out."""
     if not env:
         return ""
-    gpu = f"GPU {env['gpu']}, host " if env.get("gpu") else ""
-    return (
-        f"Machine: {gpu}{env.get('cpu', '?')} ({env.get('cpu_count', '?')} CPUs), {env.get('threads', '?')} threads; "
-        f"torch {env.get('torch', '?')}, timm {env.get('timm', '?')}, Python {env.get('python', '?')}; "
-        f"measured {env.get('date', '?')}."
-    )
+    host = env.get("cpu") or env.get("machine") or "unknown CPU"
+    if env.get("cpu_count"):
+        host += f" ({env['cpu_count']} CPUs)"
+    parts = [f"Machine: {'GPU ' + env['gpu'] + ', host ' if env.get('gpu') else ''}{host}"]
+    if env.get("threads"):
+        parts[0] += f", {env['threads']} threads"
+    versions = [f"{name} {env[key]}" for name, key in (("torch", "torch"), ("timm", "timm"), ("diffusers", "diffusers"),
+                ("tomesd", "tomesd"), ("Triton", "triton"), ("Python", "python")) if env.get(key)]  # fmt: skip
+    line = "; ".join([parts[0], ", ".join(versions)]) if versions else parts[0]
+    return line + (f"; measured {env['date']}." if env.get("date") else ".")
 
 
 def _goal_table(goals: list[dict]) -> str:

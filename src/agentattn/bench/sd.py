@@ -327,7 +327,10 @@ def plot(rows: list[Row], path: str) -> bool:
 def environment(device: str) -> dict[str, Any]:
     import diffusers
 
+    from .attention import environment as machine_environment
+
     env = {
+        **machine_environment(),  # cpu, cpu_count, timm, date
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(),

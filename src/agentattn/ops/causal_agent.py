@@ -304,7 +304,10 @@ class CausalAgentState:
     ``values`` (B, H, n + 2C, d_v) hold what one decoding step attends over, so that the step is one SDPA call:
     rows :n are the agents and the memory readouts S / z (cached; they change only when a chunk is folded in),
     rows n: the ring buffer of the window, slot ``p % 2C`` holding position p. ``slot_pos`` (2C,) is the position
-    in each slot (-1: empty); ``has_memory`` is False until the first chunk has left the window; t: tokens seen.
+    in each slot (-1: empty); ``mask`` (H, n + 2C) the additive mask of a step over those rows: the agent bias, then
+    0 for the window slots a query may read and -inf for the others, kept up to date in place (a decoding step is
+    a few dozen µs of work, so it avoids rebuilding anything). ``has_memory`` is False until the first chunk has
+    left the window; t: tokens seen.
     """
 
     m: torch.Tensor
@@ -313,6 +316,7 @@ class CausalAgentState:
     keys: torch.Tensor
     values: torch.Tensor
     slot_pos: torch.Tensor
+    mask: torch.Tensor
     chunk_size: int
     num_agents: int
     t: int = 0
@@ -334,7 +338,7 @@ class CausalAgentState:
         return self.values[:, :, : self.num_agents]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.m, self.S, self.z, self.keys, self.values, self.slot_pos]
+        return [self.m, self.S, self.z, self.keys, self.values, self.slot_pos, self.mask]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -354,6 +358,7 @@ def causal_agent_init_state(
         keys=torch.zeros(batch, heads, rows, head_dim, device=device, dtype=cd),
         values=torch.zeros(batch, heads, rows, value_dim, device=device, dtype=cd),
         slot_pos=torch.full((2 * chunk_size,), -1, device=device, dtype=torch.long),
+        mask=torch.full((heads, rows), float("-inf"), device=device, dtype=cd),
         chunk_size=chunk_size,
         num_agents=num_agents,
     )
@@ -405,6 +410,7 @@ def causal_agent_prefill(
     state.k_buf[:, :, slots] = k[:, :, pos]
     state.v_buf[:, :, slots] = v[:, :, pos]
     state.slot_pos[slots] = pos
+    state.mask[:, agents.shape[1] + slots] = 0.0  # exactly the positions a next query may read
     state.t = T
     return state
 
@@ -428,16 +434,13 @@ def causal_agent_step(
     _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
     if q.shape[2] != 1:
         raise ValueError(f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}")
-    if (
-        state.k_buf.shape[:2] != q.shape[:2]
-        or state.k_buf.device != q.device
-        or state.num_agents != agents.shape[1]
-    ):
+    keys = state.keys
+    if keys.shape[:2] != q.shape[:2] or keys.device != q.device or state.num_agents != agents.shape[1]:
         raise ValueError(
-            f"state was made for (B, H) = {tuple(state.k_buf.shape[:2])} and n = {state.num_agents} on "
-            f"{state.k_buf.device}, got q {tuple(q.shape[:2])}, n = {agents.shape[1]} on {q.device}"
+            f"state was made for (B, H) = {tuple(keys.shape[:2])} and n = {state.num_agents} on "
+            f"{keys.device}, got q {tuple(q.shape[:2])}, n = {agents.shape[1]} on {q.device}"
         )
-    out_dtype, cd = q.dtype, state.k_buf.dtype
+    out_dtype, cd = q.dtype, keys.dtype
     q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
     decay = None if decay is None else decay.to(cd)
     C, t, n, d = state.chunk_size, state.t, agents.shape[1], q.shape[-1]
@@ -448,23 +451,22 @@ def causal_agent_step(
         kc = state.k_buf[:, :, half : half + C].unsqueeze(2)
         vc = state.v_buf[:, :, half : half + C].unsqueeze(2)
         _fold_into_state(state, kc, vc, agents, decay, s)
-    slot = t % (2 * C)
-    state.k_buf[:, :, slot] = k[:, :, 0]
-    state.v_buf[:, :, slot] = v[:, :, 0]
-    state.slot_pos[slot] = t
+        state.mask[:, n + half : n + half + C] = float("-inf")
+    row = n + t % (2 * C)
+    state.keys[:, :, row] = k[:, :, 0]
+    state.values[:, :, row] = v[:, :, 0]
+    state.slot_pos[row - n] = t
+    state.mask[:, row] = 0.0
     # One softmax over [agents | window]: agent logits s·q·a + b read the memory (only once it exists), window
     # logits s·q·k read the keys of the previous and the current chunk up to t.
-    window = torch.where(state.slot_pos >= max((c - 1) * C, 0), 0.0, float("-inf")).to(cd)  # (2C,)
     if state.has_memory:
         state.keys[:, :, :n] = agents
-        bias = torch.zeros_like(agents[..., 0]) if agent_bias is None else agent_bias.to(cd)  # (H, n)
-        mask = torch.cat([bias, window.expand(bias.shape[0], -1)], dim=-1)[
-            None, :, None, :
-        ]  # (1, H, 1, n + 2C)
-        out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=mask, scale=s)
-    else:
+        state.mask[:, :n] = 0.0 if agent_bias is None else agent_bias
         out = F.scaled_dot_product_attention(
-            q, state.k_buf, state.v_buf, attn_mask=window[None, None, None], scale=s
+            q, state.keys, state.values, attn_mask=state.mask[:, None], scale=s
         )
+    else:
+        window_mask = state.mask[:, None, n:]  # (H, 1, 2C)
+        out = F.scaled_dot_product_attention(q, state.k_buf, state.v_buf, attn_mask=window_mask, scale=s)
     state.t = t + 1
     return out.to(out_dtype)
