@@ -58,7 +58,7 @@ wheel-check: $(STAMP)
 test: setup lint unit wheel-check
 
 bench: setup
-	$(VENV)/bin/agentattn bench attention --json build/bench-attention.json
+	AGENTATTN=$(VENV)/bin/agentattn benchmarks/run_all.sh
 
 clean:
 	rm -rf build dist $(WHEEL_DIR) .pytest_cache
