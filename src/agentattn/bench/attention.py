@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._io import atomic_write_text
 from ..layers import AgentAttention, LinearAttention
 from ..ops import agent_attention
 from ..report.memory import peak_kib, reset_peak_kib
@@ -500,9 +501,7 @@ def write_json(obj: dict, path: str | Path) -> None:
     """Write JSON atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------

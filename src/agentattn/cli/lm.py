@@ -251,11 +251,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"crossover: layer forward T ~ {result['crossover_context_layer_forward']}, "
           f"decode context ~ {result['crossover_context_decode']}")  # fmt: skip
     if args.json:
-        from ..lm.compare import _atomic_write_text
+        from .._io import atomic_write_text
 
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(result, indent=1))
+        atomic_write_text(path, json.dumps(result, indent=1))
         print(f"wrote {path}")
     if args.section:
         from ..bench.attention import command_line, environment

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._io import atomic_write_text
 from ..models._checkpoint import safe_torch_load
 from ..train.loop import atomic_torch_save
 from .data import IGNORE_INDEX, DenseData, build_dense_data, collate_detection, to_coco_dict
@@ -291,12 +292,6 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str, Any]:
     """Train, evaluate on the validation split, write the run files; returns the final metrics dict."""
     torch.manual_seed(config.seed)
@@ -384,7 +379,7 @@ def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str,
          "synthetic": data.synthetic, "model": model.state_dict(), "metrics": result},
         out_dir / "model.pth",
     )  # fmt: skip
-    _atomic_json(out_dir / "final.json", {"config": plain, "metrics": result})
+    atomic_write_text(out_dir / "final.json", json.dumps({"config": plain, "metrics": result}, indent=1))
     return result
 
 

@@ -20,22 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_write_text
 from .bench import crossover, layer_forward
 from .data import ByteCorpus, random_batch
 from .model import ATTN_TYPES, AgentLM, AgentLMConfig
 from .train import LMTrainConfig, train_lm
 
 PARAM_TOLERANCE = 0.02
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _plot_losses(results: dict[str, dict[str, Any]], path: Path) -> bool:
@@ -219,9 +210,9 @@ def run_compare(
     summary["wall_time_s"] = time.perf_counter() - start
     has_loss_png = _plot_losses(results, out_dir / "loss_curves.png")
     has_speed_png = bool(speed_rows) and _plot_speed(speed_rows, out_dir / "speed_vs_context.png")
-    _atomic_write_text(out_dir / "results.json", json.dumps(
+    atomic_write_text(out_dir / "results.json", json.dumps(
         {**summary, "history": {t: r["history"] for t, r in results.items()}}, indent=1))  # fmt: skip
-    _atomic_write_text(out_dir / "report.md", render_report(summary, has_loss_png, has_speed_png))
+    atomic_write_text(out_dir / "report.md", render_report(summary, has_loss_png, has_speed_png))
     log(f"report: {out_dir / 'report.md'} ({summary['wall_time_s'] / 60:.1f} min)")
     return summary
 
