@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -56,10 +55,9 @@ def _plot_losses(results: dict[str, dict[str, Any]], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    from ..report.figures import save_figure  # after the matplotlib check: it imports pyplot
+
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -82,10 +80,9 @@ def _plot_speed(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    from ..report.figures import save_figure  # after the matplotlib check: it imports pyplot
+
+    save_figure(fig, path, dpi=110)
     return True
 
 

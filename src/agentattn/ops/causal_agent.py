@@ -303,11 +303,10 @@ class CausalAgentState:
     m, z: (B, H, n) memory max and normaliser; S: (B, H, n, d_v) memory sum. ``keys`` (B, H, n + 2C, d) and
     ``values`` (B, H, n + 2C, d_v) hold what one decoding step attends over, so that the step is one SDPA call:
     rows :n are the agents and the memory readouts S / z (cached; they change only when a chunk is folded in),
-    rows n: the ring buffer of the window, slot ``p % 2C`` holding position p. ``slot_pos`` (2C,) is the position
-    in each slot (-1: empty); ``mask`` (H, n + 2C) the additive mask of a step over those rows: the agent bias, then
-    0 for the window slots a query may read and -inf for the others, kept up to date in place (a decoding step is
-    a few dozen µs of work, so it avoids rebuilding anything). ``has_memory`` is False until the first chunk has
-    left the window; t: tokens seen.
+    rows n: the ring buffer of the window, slot ``p % 2C`` holding position p. ``mask`` (H, n + 2C) is the additive
+    mask of a step over those rows: the agent bias, then 0 for the window slots a query may read and -inf for the
+    others (empty or left the window), kept up to date in place (a decoding step is a few dozen µs of work, so it
+    avoids rebuilding anything). ``has_memory`` is False until the first chunk has left the window; t: tokens seen.
     """
 
     m: torch.Tensor
@@ -315,7 +314,6 @@ class CausalAgentState:
     z: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
-    slot_pos: torch.Tensor
     mask: torch.Tensor
     chunk_size: int
     num_agents: int
@@ -338,7 +336,7 @@ class CausalAgentState:
         return self.values[:, :, : self.num_agents]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.m, self.S, self.z, self.keys, self.values, self.slot_pos, self.mask]
+        return [self.m, self.S, self.z, self.keys, self.values, self.mask]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -357,7 +355,6 @@ def causal_agent_init_state(
         z=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
         keys=torch.zeros(batch, heads, rows, head_dim, device=device, dtype=cd),
         values=torch.zeros(batch, heads, rows, value_dim, device=device, dtype=cd),
-        slot_pos=torch.full((2 * chunk_size,), -1, device=device, dtype=torch.long),
         mask=torch.full((heads, rows), float("-inf"), device=device, dtype=cd),
         chunk_size=chunk_size,
         num_agents=num_agents,
@@ -409,7 +406,6 @@ def causal_agent_prefill(
     slots = pos % (2 * C)
     state.k_buf[:, :, slots] = k[:, :, pos]
     state.v_buf[:, :, slots] = v[:, :, pos]
-    state.slot_pos[slots] = pos
     state.mask[:, agents.shape[1] + slots] = 0.0  # exactly the positions a next query may read
     state.t = T
     return state
@@ -455,7 +451,6 @@ def causal_agent_step(
     row = n + t % (2 * C)
     state.keys[:, :, row] = k[:, :, 0]
     state.values[:, :, row] = v[:, :, 0]
-    state.slot_pos[row - n] = t
     state.mask[:, row] = 0.0
     # One softmax over [agents | window]: agent logits s·q·a + b read the memory (only once it exists), window
     # logits s·q·k read the keys of the previous and the current chunk up to t.
