@@ -28,8 +28,8 @@ from ..ops.causal_linear import causal_linear_init_state
 from .model import AgentLM, AgentLMConfig, AgentMixerState, KVCache, state_nbytes
 
 
-def _median_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_s: float = 2.0) -> float:
-    """Median ms after ``warmup`` calls: at least ``reps`` calls (1 if one call outlasts the budget), more
+def _times_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_s: float = 2.0) -> list[float]:
+    """Call times (ms) after ``warmup`` calls: at least ``reps`` calls (1 if one call outlasts the budget), more
     until ``budget_s`` is spent, at most 50."""
     for _ in range(warmup):
         fn()
@@ -38,11 +38,11 @@ def _median_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_
     while len(times) < 50:
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) * 1e3)
         elapsed = time.perf_counter() - start
-        if elapsed >= budget_s and (len(times) >= reps or times[0] > budget_s / 2):
+        if elapsed >= budget_s and (len(times) >= reps or times[0] > budget_s * 1e3 / 2):
             break
-    return statistics.median(times) * 1e3
+    return times
 
 
 def _mixers(d_model: int, n_heads: int, **agent_kwargs: Any) -> dict[str, torch.nn.Module]:
@@ -58,17 +58,28 @@ def _mixers(d_model: int, n_heads: int, **agent_kwargs: Any) -> dict[str, torch.
 
 
 def layer_forward(
-    contexts: list[int], d_model: int = 256, n_heads: int = 4, budget_s: float = 2.0, **agent_kwargs: Any
-) -> list[dict[str, Any]]:
-    """Forward ms of one layer per attention type at each context length (batch 1)."""
+    contexts: list[int], d_model: int = 256, n_heads: int = 4, budget_s: float = 2.0, rounds: int = 3,
+    **agent_kwargs: Any,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Forward ms of one layer per attention type at each context length (batch 1).
+
+    The layers take turns, ``rounds`` times ``budget_s / rounds`` each (at least one call per turn after one
+    warm-up call), so that a slow spell of the machine falls on all of them alike; the figure is the median.
+    """
     mixers = _mixers(d_model, n_heads, **agent_kwargs)
     rows = []
     with torch.inference_mode():
         for T in contexts:
             x = torch.randn(1, T, d_model)
+            times: dict[str, list[float]] = {name: [] for name in mixers}
+            for r in range(rounds):
+                for name, mixer in mixers.items():
+                    times[name] += _times_ms(
+                        lambda m=mixer, x=x: m(x), reps=1, warmup=int(r == 0), budget_s=budget_s / rounds
+                    )
             row: dict[str, Any] = {"context": T}
-            for name, mixer in mixers.items():
-                row[f"{name}_ms"] = _median_ms(lambda m=mixer, x=x: m(x), reps=3, budget_s=budget_s)
+            for name in mixers:
+                row[f"{name}_ms"] = statistics.median(times[name])
             row["agent_speedup_vs_softmax"] = row["softmax_ms"] / row["agent_ms"]
             rows.append(row)
     return rows
@@ -95,15 +106,19 @@ def _decode_state(model: AgentLM, context: int) -> list[Any]:
             st = causal_agent_prefill(
                 k, torch.randn_like(k), mixer.agents, mixer.log_decay.exp(), chunk_size=cfg.chunk_size
             )
-            states.append(AgentMixerState(st, torch.randn(1, cfg.d_model, max(cfg.conv_kernel - 1, 0))))
+            states.append(AgentMixerState(st, torch.randn(1, max(cfg.conv_kernel - 1, 0), cfg.d_model)))
     return states
 
 
 def decode(
     contexts: list[int], n_layers: int = 4, d_model: int = 256, n_heads: int = 4, steps: int = 16,
-    **agent_kwargs: Any,
+    rounds: int = 4, **agent_kwargs: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Per-token decode latency (ms) and state bytes of an ``n_layers`` model per attention type and context."""
+    """Per-token decode latency (ms) and state bytes of an ``n_layers`` model per attention type and context.
+
+    The three models take turns, ``rounds`` times ``steps // rounds`` timed steps each after one warm-up step, so
+    that a slow spell of the machine falls on all of them alike; the figure is the median over all timed steps.
+    """
     rows = []
     models = {
         t: AgentLM(
@@ -118,20 +133,24 @@ def decode(
         ).eval()
         for t in ("agent", "softmax", "linear")
     }
+    per_round = max(steps // rounds, 1)
+    token = torch.zeros(1, dtype=torch.long)
     for context in contexts:
         row: dict[str, Any] = {"context": context}
-        for name, model in models.items():
-            token = torch.zeros(1, dtype=torch.long)
-            times = []
-            with torch.inference_mode():
-                states = _decode_state(model, context)
-                row[f"{name}_state_bytes"] = state_nbytes(states)
-                model.step(token, states)  # warm-up
-                for _ in range(steps):
-                    t0 = time.perf_counter()
-                    model.step(token, states)
-                    times.append(time.perf_counter() - t0)
-            row[f"{name}_ms_per_token"] = statistics.median(times) * 1e3
+        times: dict[str, list[float]] = {name: [] for name in models}
+        with torch.inference_mode():
+            states = {name: _decode_state(model, context) for name, model in models.items()}
+            for name, model in models.items():
+                row[f"{name}_state_bytes"] = state_nbytes(states[name])
+                model.step(token, states[name])  # warm-up
+            for _ in range(rounds):
+                for name, model in models.items():
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        model.step(token, states[name])
+                        times[name].append(time.perf_counter() - t0)
+        for name in models:
+            row[f"{name}_ms_per_token"] = statistics.median(times[name]) * 1e3
         row["agent_latency_ratio_vs_softmax"] = row["agent_ms_per_token"] / row["softmax_ms_per_token"]
         row["softmax_kv_over_agent_state"] = row["softmax_state_bytes"] / row["agent_state_bytes"]
         rows.append(row)

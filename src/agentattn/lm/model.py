@@ -23,9 +23,9 @@ from torch import nn
 
 from ..ops.causal_agent import (
     CausalAgentState,
+    _causal_agent_step,
     causal_agent_attention,
     causal_agent_prefill,
-    causal_agent_step,
 )
 from ..ops.causal_linear import (
     CausalLinearState,
@@ -104,8 +104,8 @@ class _Mixer(nn.Module):
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each (B, H, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v  # each (B, H, T, hd)
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, hd = y.shape
@@ -177,7 +177,7 @@ class LinearMixer(_Mixer):
 @dataclass
 class AgentMixerState:
     attn: CausalAgentState
-    conv: torch.Tensor  # (B, d_model, K - 1): the last K - 1 value vectors, for the causal conv
+    conv: torch.Tensor  # (B, K - 1, d_model): the last K - 1 value vectors, oldest first, for the causal conv
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.attn.tensors(), self.conv]
@@ -208,11 +208,16 @@ class AgentMixer(_Mixer):
             else None
         )
 
-    def _conv(self, v_seq: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        """Causal depthwise conv over time: v_seq (B, T, C), history (B, C, K - 1) of earlier values or zeros."""
-        x = v_seq.transpose(1, 2)  # (B, C, T)
-        x = F.pad(x, (self.conv_kernel - 1, 0)) if history is None else torch.cat([history, x], dim=-1)
-        return self.dwc(x).transpose(1, 2)
+    def _conv(self, v_seq: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv over time: v_seq (B, T, C) → (B, T, C), output t reading values t - K + 1 .. t.
+
+        The tokens are viewed as a channels-last (B, C, 1, T) map, so oneDNN reads and writes them in place of two
+        transposing copies; padding both ends by K - 1 and keeping the first T outputs makes the conv causal.
+        """
+        K = self.conv_kernel
+        x = v_seq.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T), channels-last strides
+        out = F.conv2d(x, self.dwc.weight.unsqueeze(2), self.dwc.bias, padding=(0, K - 1), groups=x.shape[1])
+        return out.squeeze(2).transpose(1, 2)[:, : v_seq.shape[1]]  # (B, T, C)
 
     def _attend_args(self) -> dict[str, torch.Tensor]:
         return {"decay": self.log_decay.exp(), "agent_bias": self.agent_bias}
@@ -237,27 +242,26 @@ class AgentMixer(_Mixer):
         if self.dwc is not None:
             y = y + self._conv(v_seq)
         keep = max(self.conv_kernel - 1, 0)
-        hist = F.pad(v_seq.transpose(1, 2), (keep, 0))[
-            :, :, v_seq.shape[1] :
-        ]  # last K - 1 values, zero-padded
+        hist = F.pad(v_seq, (0, 0, keep, 0))[
+            :, v_seq.shape[1] :
+        ]  # (B, K - 1, C): last K - 1 values, zero-padded
         state = causal_agent_prefill(k, v, agents, decay, chunk_size=self.chunk_size)
         return self.proj(y), AgentMixerState(state, hist.contiguous())
 
     def step(self, x: torch.Tensor, state: AgentMixerState) -> torch.Tensor:
         q, k, v = self._heads(x)
-        y = self._merge(
-            causal_agent_step(q, k, v, self.agents.to(q.dtype), state.attn, **self._attend_args())
-        )
-        v_t = self._merge(v)  # (B, 1, C)
+        # The unchecked step: q, k, v come from this layer; exp(log_decay) is only needed when a chunk is folded.
+        decay = self.log_decay.exp() if state.attn.folds_next else None
+        agents = self.agents.to(q.dtype)
+        y = self._merge(_causal_agent_step(q, k, v, agents, state.attn, decay, self.agent_bias, None))
         if self.dwc is not None:
-            # One output of the causal conv: Σ_k w[c, k]·x[c, k] over the last K values. Written out, it costs a
-            # few µs, where a Conv1d call on a (B, C, K) input costs ~0.1 ms of oneDNN set-up per token.
-            window = torch.cat([state.conv, v_t.transpose(1, 2)], dim=-1)  # (B, C, K)
-            conv = (window * self.dwc.weight[:, 0]).sum(-1)
+            # One output of the causal conv, Σ_k w[c, k]·v[k, c] over the last K values, written out in time-major
+            # layout (rows are contiguous vectors): a few µs, where a Conv1d call costs ~0.1 ms of oneDNN set-up.
+            window = torch.cat([state.conv, self._merge(v)], dim=1)  # (B, K, C)
+            y += (window * self.dwc.weight[:, 0].t()).sum(1, keepdim=True)
             if self.dwc.bias is not None:
-                conv = conv + self.dwc.bias
-            y = y + conv[:, None]
-            state.conv = window[:, :, 1:]
+                y += self.dwc.bias
+            state.conv = window[:, 1:]
         return self.proj(y)
 
 

@@ -257,8 +257,9 @@ def causal_agent_attention(
     s = d**-0.5 if scale is None else scale
     N = math.ceil(T / C)
     pad = N * C - T  # padding at the end is only ever seen by padded queries
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    # Contiguous (B, H, T, d) inputs: the chunk views below then have uniform batch strides, and every batched
+    # matmul reads its operands in place (heads split from a fused qkv projection would be copied at each one).
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k, v))
     kc, vc = k.view(B, H, N, C, d), v.view(B, H, N, C, dv)
 
     # One softmax per query over three parts, normalised jointly without concatenating them:
@@ -266,9 +267,8 @@ def causal_agent_attention(
     qs = (q * s).view(B, H, N, C, d)
     mem = q.new_zeros(B, H, N, n, dv)
     if N > 2:
-        mem = torch.cat(
-            [mem[:, :, :2], _memory_readouts(kc[:, :, : N - 2], vc[:, :, : N - 2], agents, decay, s, C)], 2
-        )
+        # Readouts after every chunk (the last two are not needed, but slicing the inputs would copy them).
+        mem[:, :, 2:] = _memory_readouts(kc, vc, agents, decay, s, C)[:, :, : N - 2]
     s_agent = qs @ agents.transpose(-2, -1)[None, :, None]  # (B, H, N, C, n)
     if agent_bias is not None:
         s_agent = s_agent + agent_bias.to(cd)[None, :, None, None, :]
@@ -282,13 +282,19 @@ def causal_agent_attention(
     den = p_agent.sum(-1) + p_cur.sum(-1)
     num = p_agent @ mem + p_cur @ vc  # (B, H, N, C, dv)
     if N > 1:  # chunks >= 1 also see the whole previous chunk
-        s_prev = qs[:, :, 1:] @ kc[:, :, :-1].transpose(-2, -1)  # (B, H, N - 1, C, C)
-        m_new = torch.maximum(m[:, :, 1:], s_prev.amax(-1)).detach()
-        rescale = torch.exp(m[:, :, 1:] - m_new)
+        # Over the B·H·N chunks in a row, chunk g reads chunk g - 1: offset views with one batch stride, so the
+        # matmuls copy nothing. The first chunk of each (b, h) would read another head's last chunk: masked.
+        BHN = B * H * N
+        q_flat, k_flat, v_flat = qs.view(BHN, C, d), kc.view(BHN, C, d), vc.view(BHN, C, dv)
+        s_prev = q_flat[1:] @ k_flat[:-1].transpose(-2, -1)  # (BHN - 1, C, C)
+        s_prev[N - 1 :: N] = float("-inf")
+        m_read = m.view(BHN, C)[1:]
+        m_new = torch.maximum(m_read, s_prev.amax(-1)).detach()
+        rescale = torch.exp(m_read - m_new)
         p_prev = torch.exp(s_prev - m_new[..., None])
-        den[:, :, 1:].mul_(rescale).add_(p_prev.sum(-1))  # in place: rescale carries no gradient
-        num[:, :, 1:].mul_(rescale[..., None]).add_(p_prev @ vc[:, :, :-1])
-    out = num / den[..., None]  # (B, H, N, C, dv)
+        den.view(BHN, C)[1:].mul_(rescale).add_(p_prev.sum(-1))  # in place: rescale carries no gradient
+        num.view(BHN, C, dv)[1:].mul_(rescale[..., None]).add_(p_prev @ v_flat[:-1])
+    out = num.div_(den[..., None])  # (B, H, N, C, dv); in place: num's buffer is not needed again
     return out.reshape(B, H, N * C, dv)[:, :, :T].to(out_dtype)
 
 
@@ -303,10 +309,16 @@ class CausalAgentState:
     m, z: (B, H, n) memory max and normaliser; S: (B, H, n, d_v) memory sum. ``keys`` (B, H, n + 2C, d) and
     ``values`` (B, H, n + 2C, d_v) hold what one decoding step attends over, so that the step is one SDPA call:
     rows :n are the agents and the memory readouts S / z (cached; they change only when a chunk is folded in),
-    rows n: the ring buffer of the window, slot ``p % 2C`` holding position p. ``mask`` (H, n + 2C) is the additive
-    mask of a step over those rows: the agent bias, then 0 for the window slots a query may read and -inf for the
-    others (empty or left the window), kept up to date in place (a decoding step is a few dozen µs of work, so it
-    avoids rebuilding anything). ``has_memory`` is False until the first chunk has left the window; t: tokens seen.
+    rows n: the ring buffer of the window, slot ``p % 2C`` holding position p. ``mask`` (1, H, 1, n + 2C) is the
+    additive mask of a step over those rows: the agent bias (-inf while there is no memory), then 0 for the window
+    slots a query may read and -inf for the others (empty or left the window). It is kept up to date in place, and
+    is 4-D because SDPA takes its fused CPU kernel only for a 4-D mask (the 3-D one falls back to the math path,
+    5× slower for one query); a decoding step is a few dozen µs of work, so it avoids rebuilding anything.
+    ``has_memory`` is False until the first chunk has left the window; t: tokens seen.
+
+    The agent rows (agents in ``keys``, agent bias in ``mask``) are written by the first step after each fold
+    (``agent_rows_current``), not on every step: like the memory, which was built with the agents of its time, a
+    state belongs to the parameters it was made with; after changing them, prefill again.
     """
 
     m: torch.Tensor
@@ -319,6 +331,12 @@ class CausalAgentState:
     num_agents: int
     t: int = 0
     has_memory: bool = False
+    agent_rows_current: bool = False
+
+    @property
+    def folds_next(self) -> bool:
+        """True when the next step folds a chunk into the memory: chunk c - 2 leaves the window at t = c·C."""
+        return self.t % self.chunk_size == 0 and self.t >= 2 * self.chunk_size
 
     @property
     def k_buf(self) -> torch.Tensor:
@@ -355,7 +373,7 @@ def causal_agent_init_state(
         z=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
         keys=torch.zeros(batch, heads, rows, head_dim, device=device, dtype=cd),
         values=torch.zeros(batch, heads, rows, value_dim, device=device, dtype=cd),
-        mask=torch.full((heads, rows), float("-inf"), device=device, dtype=cd),
+        mask=torch.full((1, heads, 1, rows), float("-inf"), device=device, dtype=cd),
         chunk_size=chunk_size,
         num_agents=num_agents,
     )
@@ -371,7 +389,7 @@ def _fold_into_state(
     m, S, z = (state.m, state.S, state.z) if state.has_memory else (None, None, None)
     for c in range(kc.shape[2]):
         m, S, z = _fold(m, S, z, mu[:, :, c], S_hat[:, :, c], z_hat[:, :, c], step_decay)
-    state.m, state.S, state.z, state.has_memory = m, S, z, True
+    state.m, state.S, state.z, state.has_memory, state.agent_rows_current = m, S, z, True, False
     state.readout.copy_(S / z[..., None])
 
 
@@ -406,7 +424,7 @@ def causal_agent_prefill(
     slots = pos % (2 * C)
     state.k_buf[:, :, slots] = k[:, :, pos]
     state.v_buf[:, :, slots] = v[:, :, pos]
-    state.mask[:, agents.shape[1] + slots] = 0.0  # exactly the positions a next query may read
+    state.mask[..., agents.shape[1] + slots] = 0.0  # exactly the positions a next query may read
     state.t = T
     return state
 
@@ -430,6 +448,17 @@ def causal_agent_step(
     _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
     if q.shape[2] != 1:
         raise ValueError(f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}")
+    return _causal_agent_step(q, k, v, agents, state, decay, agent_bias, scale)
+
+
+def _causal_agent_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor, state: CausalAgentState,
+    decay: torch.Tensor | None, agent_bias: torch.Tensor | None, scale: float | None,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`causal_agent_step` without the argument checks and the grad-mode switch, for the decode loop of
+    :class:`~agentattn.lm.AgentLM`, which makes q, k, v itself and runs under ``no_grad``: at batch 1 a step is a
+    few dozen µs of tensor work, and the checks cost ~10 µs of it. ``decay`` is read only when
+    ``state.folds_next``."""
     keys = state.keys
     if keys.shape[:2] != q.shape[:2] or keys.device != q.device or state.num_agents != agents.shape[1]:
         raise ValueError(
@@ -437,31 +466,27 @@ def causal_agent_step(
             f"{keys.device}, got q {tuple(q.shape[:2])}, n = {agents.shape[1]} on {q.device}"
         )
     out_dtype, cd = q.dtype, keys.dtype
-    q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
-    decay = None if decay is None else decay.to(cd)
-    C, t, n, d = state.chunk_size, state.t, agents.shape[1], q.shape[-1]
-    s = d**-0.5 if scale is None else scale
-    c = t // C
-    if t % C == 0 and c >= 2:  # chunk c - 2 leaves the window: fold it into the memory
-        half = ((c - 2) % 2) * C
+    if q.dtype != cd:
+        q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
+    C, t, n = state.chunk_size, state.t, agents.shape[1]
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    if state.folds_next:  # chunk c - 2 leaves the window: fold it into the memory
+        half = ((t // C - 2) % 2) * C
         kc = state.k_buf[:, :, half : half + C].unsqueeze(2)
         vc = state.v_buf[:, :, half : half + C].unsqueeze(2)
-        _fold_into_state(state, kc, vc, agents, decay, s)
-        state.mask[:, n + half : n + half + C] = float("-inf")
+        _fold_into_state(state, kc, vc, agents, None if decay is None else decay.to(cd), s)
+        state.mask.narrow(3, n + half, C).fill_(float("-inf"))
+    if state.has_memory and not state.agent_rows_current:
+        state.keys.narrow(2, 0, n).copy_(agents)
+        bias_rows = state.mask.narrow(3, 0, n)
+        bias_rows.fill_(0.0) if agent_bias is None else bias_rows.copy_(agent_bias[:, None])
+        state.agent_rows_current = True
     row = n + t % (2 * C)
-    state.keys[:, :, row] = k[:, :, 0]
-    state.values[:, :, row] = v[:, :, 0]
-    state.mask[:, row] = 0.0
-    # One softmax over [agents | window]: agent logits s·q·a + b read the memory (only once it exists), window
-    # logits s·q·k read the keys of the previous and the current chunk up to t.
-    if state.has_memory:
-        state.keys[:, :, :n] = agents
-        state.mask[:, :n] = 0.0 if agent_bias is None else agent_bias
-        out = F.scaled_dot_product_attention(
-            q, state.keys, state.values, attn_mask=state.mask[:, None], scale=s
-        )
-    else:
-        window_mask = state.mask[:, None, n:]  # (H, 1, 2C)
-        out = F.scaled_dot_product_attention(q, state.k_buf, state.v_buf, attn_mask=window_mask, scale=s)
+    state.keys.narrow(2, row, 1).copy_(k)
+    state.values.narrow(2, row, 1).copy_(v)
+    state.mask.narrow(3, row, 1).fill_(0.0)
+    # One softmax over [agents | window]: agent logits s·q·a + b read the memory (masked with -inf until it
+    # exists), window logits s·q·k read the keys of the previous and the current chunk up to t.
+    out = F.scaled_dot_product_attention(q, state.keys, state.values, attn_mask=state.mask, scale=s)
     state.t = t + 1
     return out.to(out_dtype)
