@@ -19,6 +19,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ..ops import agent_attention
+from ..ops.agent_packed import agent_attention_packed, packed_path_applies
 from .agent_bias import agent_biases, agent_grid_for, init_agent_bias_parameters, to_2tuple_grid
 
 
@@ -226,7 +227,9 @@ class AgentAttentionBase(nn.Module):
         if not out.requires_grad and not local.requires_grad and not torch.compiler.is_exporting():
             out[:, prefix:] += local
             return out
-        return torch.cat([out[:, :prefix], out[:, prefix:] + local], dim=1)
+        # With autograd: zero rows in front of the DWC term, whose backward is a view of the gradient (slicing
+        # `out` and concatenating would fill two zero tensors in the backward).
+        return out + F.pad(local, (0, 0, prefix, 0))
 
     @staticmethod
     def _conv_tokens(conv: nn.Conv2d, v: torch.Tensor, grid: tuple[int, int], out_grid: tuple[int, int]):
@@ -282,8 +285,34 @@ class AgentAttention(AgentAttentionBase):
     def forward(self, x: torch.Tensor, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, P + H·W, C) → (B, P + H·W, C)."""
         grid = self._resolve_grid(x, "x", grid_size)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.dim)).unbind(-2)  # each (B, N, C)
+        qkv = self.qkv(x)  # (B, N, 3C)
+        if self._packed_training(qkv):
+            return self.proj_drop(self.proj(self._attend_packed(qkv, grid)))
+        # split, not unflatten + unbind: its backward is one cat along channels, where unbind's stack interleaves.
+        q, k, v = qkv.split(self.dim, dim=-1)  # each (B, N, C)
         return self.proj_drop(self.proj(self.attend(q, k, v, grid, grid)))
+
+    def _packed_training(self, qkv: torch.Tensor) -> bool:
+        """CPU training goes through :func:`agentattn.ops.agent_packed.agent_attention_packed` (same result, a
+        hand-written backward on the packed projection) unless a feature it does not cover is on."""
+        return (
+            packed_path_applies(qkv)
+            and not (self.training and self.attn_drop > 0)
+            and not self.learned_agents
+            and self._attention_sink is None
+        )
+
+    def _attend_packed(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """:meth:`attend` on the packed projection (B, N, 3C) → (B, N, C), before proj."""
+        bias1, bias2 = self.biases(grid, grid)
+        out, v_map = agent_attention_packed(
+            qkv, bias1, bias2, num_heads=self.num_heads, grid_size=grid, agent_grid=self.agent_grid,
+            num_prefix_tokens=self.num_prefix_tokens, scale=self.scale,
+        )  # fmt: skip
+        local = self.dwc(v_map).permute(0, 2, 3, 1).flatten(1, 2)  # (B, H·W, C)
+        return (
+            out + F.pad(local, (0, 0, self.num_prefix_tokens, 0)) if self.num_prefix_tokens else out + local
+        )
 
 
 class PVTAgentAttention(AgentAttentionBase):
