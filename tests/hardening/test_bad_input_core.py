@@ -67,6 +67,8 @@ def _op_cases(entry: str, op) -> list[Case]:
 
     nan_q = _t(2, 2, 6, 4)
     nan_q[:, :, 0] = float("nan")
+    big_nan_q = _t(1, 3, 300, 64)
+    big_nan_q[:, :, 0, 5] = float("nan")
     nan_k = _t(2, 2, 7, 4)
     nan_k[0, 0, 0, 0] = float("nan")
     all_padded = torch.zeros(2, 7, dtype=torch.bool)
@@ -108,6 +110,13 @@ def _op_cases(entry: str, op) -> list[Case]:
         Case(entry, "scale = inf", call(scale=float("inf")), ValueError, r"scale must be a positive"),
         Case(entry, "scale NaN", call(scale=float("nan")), ValueError, r"scale"),
         Case(entry, "NaN in one query", call(q=nan_q), None, check=_nan_rows),
+        # With biases (as every agent layer has) the fast CPU path skips its NaN scan and relies on SDPA's fused
+        # kernel propagating the NaN through the additive mask: checked here on the installed torch.
+        Case(entry, "NaN in one query, with biases",
+             call(q=nan_q, agent_bias=_t(2, 2, 3, 7), query_bias=_t(2, 2, 6, 3)), None, check=_nan_rows),
+        Case(entry, "NaN in one query, large", call(q=big_nan_q, k=_t(1, 3, 300, 64), v=_t(1, 3, 300, 64),
+             agents=_t(1, 3, 49, 64), agent_bias=_t(1, 3, 49, 300), query_bias=_t(1, 3, 300, 49)), None,
+             check=_nan_rows),
         Case(entry, "NaN in a key", call(k=nan_k), None,
              check=lambda y: _assert(torch.isnan(y[0, 0]).all() and torch.isfinite(y[1]).all(), "NaN spread")),
     ]  # fmt: skip
