@@ -21,17 +21,19 @@ CASES = [
 ]
 
 
-def _inputs(batch, heads, channels, grid, agent_grid, prefix, dtype=torch.float32, seed=0):
+def _inputs(batch, heads, channels, grid, agent_grid, prefix, dtype=torch.float32, seed=0, kernel=3):
     g = torch.Generator().manual_seed(seed)
     tokens, n = prefix + grid[0] * grid[1], agent_grid[0] * agent_grid[1]
     qkv = torch.randn(batch, tokens, 3 * channels, generator=g, dtype=dtype).requires_grad_()
     bias1 = (torch.randn(1, heads, n, tokens, generator=g, dtype=dtype) * 0.5).requires_grad_()
     bias2 = (torch.randn(1, heads, tokens, n, generator=g, dtype=dtype) * 0.5).requires_grad_()
-    return qkv, bias1, bias2
+    weight = (torch.randn(channels, 1, kernel, kernel, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    conv_bias = (torch.randn(channels, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    return qkv, bias1, bias2, weight, conv_bias
 
 
-def _reference(qkv, bias1, bias2, heads, grid, agent_grid, prefix):
-    """The same computation as plain autograd ops: split, pool, head split, ``agent_attention`` (matmuls)."""
+def _reference(qkv, bias1, bias2, weight, conv_bias, heads, grid, agent_grid, prefix):
+    """The same computation as plain autograd ops: split, pool, head split, ``agent_attention`` (matmuls), DWC."""
     channels = qkv.shape[-1] // 3
     q, k, v = qkv.split(channels, dim=-1)
     q_map = q[:, prefix:].unflatten(1, grid).permute(0, 3, 1, 2)
@@ -43,36 +45,43 @@ def _reference(qkv, bias1, bias2, heads, grid, agent_grid, prefix):
     out = agent_attention(
         heads_of(q), heads_of(k), heads_of(v), heads_of(agents),
         agent_bias=bias1, query_bias=bias2, backend="matmul",
-    )  # fmt: skip
-    return out.transpose(1, 2).flatten(2), v[:, prefix:].unflatten(1, grid).permute(0, 3, 1, 2)
+    ).transpose(1, 2).flatten(2)  # fmt: skip
+    v_map = v[:, prefix:].unflatten(1, grid).permute(0, 3, 1, 2)
+    local = F.conv2d(v_map, weight, conv_bias, padding=weight.shape[-1] // 2, groups=channels)
+    return out + F.pad(local.flatten(2).transpose(1, 2), (0, 0, prefix, 0))
+
+
+def _packed(inputs, heads, grid, agent_grid, prefix):
+    return agent_attention_packed(
+        *inputs, num_heads=heads, grid_size=grid, agent_grid=agent_grid, num_prefix_tokens=prefix
+    )
+
+
+NAMES = ("qkv", "agent_bias", "query_bias", "dwc_weight", "dwc_bias")
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_outputs_and_gradients_match_autograd(case):
     batch, heads, channels, grid, agent_grid, prefix = case
-    qkv, bias1, bias2 = _inputs(*case)
-    out, v_map = agent_attention_packed(
-        qkv, bias1, bias2, num_heads=heads, grid_size=grid, agent_grid=agent_grid, num_prefix_tokens=prefix
-    )
-    ref_out, ref_v_map = _reference(qkv, bias1, bias2, heads, grid, agent_grid, prefix)
+    inputs = _inputs(*case)
+    out = _packed(inputs, heads, grid, agent_grid, prefix)
+    ref = _reference(*inputs, heads, grid, agent_grid, prefix)
     assert out.shape == (batch, prefix + grid[0] * grid[1], channels)
-    assert v_map.is_contiguous(memory_format=torch.channels_last)
-    assert_close_rel(out, ref_out, 1e-5, "out")
-    assert torch.equal(v_map, ref_v_map)
-    g_out, g_map = torch.randn_like(out), torch.randn_like(v_map)
-    grads = torch.autograd.grad((out * g_out).sum() + (v_map * g_map).sum(), (qkv, bias1, bias2))
-    ref_grads = torch.autograd.grad((ref_out * g_out).sum() + (ref_v_map * g_map).sum(), (qkv, bias1, bias2))
-    for name, got, want in zip(("qkv", "agent_bias", "query_bias"), grads, ref_grads, strict=True):
+    assert_close_rel(out, ref, 1e-5, "out")
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g_out).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * g_out).sum(), inputs)
+    for name, got, want in zip(NAMES, grads, ref_grads, strict=True):
         assert_close_rel(got, want, 1e-5, f"grad {name}")
 
 
-def test_unused_value_map_and_frozen_biases():
-    """Only ``out`` in the loss (no DWC gradient), biases without grad: qkv's gradient still matches."""
-    qkv, bias1, bias2 = _inputs(*CASES[0])
-    bias1, bias2 = bias1.detach(), bias2.detach()
-    out, _ = agent_attention_packed(qkv, bias1, bias2, num_heads=2, grid_size=(6, 6), agent_grid=(3, 3),
-                                    num_prefix_tokens=1)  # fmt: skip
-    ref, _ = _reference(qkv, bias1, bias2, 2, (6, 6), (3, 3), 1)
+def test_frozen_biases_no_conv_bias_and_a_5x5_kernel():
+    """Biases and conv weight without grad, no conv bias, k = 5: qkv's gradient still matches."""
+    qkv, bias1, bias2, weight, _ = _inputs(*CASES[0], kernel=5)
+    inputs = (qkv, bias1.detach(), bias2.detach(), weight.detach(), None)
+    out = _packed(inputs, 2, (6, 6), (3, 3), 1)
+    ref = _reference(*inputs, 2, (6, 6), (3, 3), 1)
+    assert_close_rel(out, ref, 1e-5, "out")
     (grad,) = torch.autograd.grad(out.square().sum(), qkv)
     (want,) = torch.autograd.grad(ref.square().sum(), qkv)
     assert_close_rel(grad, want, 1e-5, "grad qkv")
@@ -82,32 +91,24 @@ def test_unused_value_map_and_frozen_biases():
 def test_gradcheck_float64(case):
     _, heads, _, grid, agent_grid, prefix = case
     inputs = _inputs(*case, dtype=torch.float64)
-
-    def fn(qkv, bias1, bias2):
-        return agent_attention_packed(
-            qkv,
-            bias1,
-            bias2,
-            num_heads=heads,
-            grid_size=grid,
-            agent_grid=agent_grid,
-            num_prefix_tokens=prefix,
-        )
-
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(lambda *x: _packed(x, heads, grid, agent_grid, prefix), inputs)
 
 
 def test_bad_input_is_named():
-    qkv, bias1, bias2 = _inputs(*CASES[0])
+    qkv, bias1, bias2, weight, conv_bias = _inputs(*CASES[0])
     kwargs = dict(num_heads=2, grid_size=(6, 6), agent_grid=(3, 3), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="qkv must be"):
-        agent_attention_packed(qkv[..., :-1], bias1, bias2, **kwargs)
+        agent_attention_packed(qkv[..., :-1], bias1, bias2, weight, conv_bias, **kwargs)
     with pytest.raises(ValueError, match="expects 37"):
-        agent_attention_packed(qkv[:, 1:], bias1, bias2, **kwargs)
+        agent_attention_packed(qkv[:, 1:], bias1, bias2, weight, conv_bias, **kwargs)
     with pytest.raises(ValueError, match="agent_bias must have shape"):
-        agent_attention_packed(qkv, bias1[..., 1:], bias2, **kwargs)
+        agent_attention_packed(qkv, bias1[..., 1:], bias2, weight, conv_bias, **kwargs)
     with pytest.raises(TypeError, match="query_bias must match"):
-        agent_attention_packed(qkv, bias1, bias2.double(), **kwargs)
+        agent_attention_packed(qkv, bias1, bias2.double(), weight, conv_bias, **kwargs)
+    with pytest.raises(ValueError, match="dwc_weight must be"):
+        agent_attention_packed(qkv, bias1, bias2, weight[..., :2, :2], conv_bias, **kwargs)
+    with pytest.raises(ValueError, match="dwc_bias must have shape"):
+        agent_attention_packed(qkv, bias1, bias2, weight, conv_bias[1:], **kwargs)
 
 
 def test_applies_only_to_cpu_training():

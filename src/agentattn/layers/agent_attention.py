@@ -305,14 +305,10 @@ class AgentAttention(AgentAttentionBase):
     def _attend_packed(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """:meth:`attend` on the packed projection (B, N, 3C) → (B, N, C), before proj."""
         bias1, bias2 = self.biases(grid, grid)
-        out, v_map = agent_attention_packed(
-            qkv, bias1, bias2, num_heads=self.num_heads, grid_size=grid, agent_grid=self.agent_grid,
-            num_prefix_tokens=self.num_prefix_tokens, scale=self.scale,
+        return agent_attention_packed(
+            qkv, bias1, bias2, self.dwc.weight, self.dwc.bias, num_heads=self.num_heads, grid_size=grid,
+            agent_grid=self.agent_grid, num_prefix_tokens=self.num_prefix_tokens, scale=self.scale,
         )  # fmt: skip
-        local = self.dwc(v_map).permute(0, 2, 3, 1).flatten(1, 2)  # (B, H·W, C)
-        return (
-            out + F.pad(local, (0, 0, self.num_prefix_tokens, 0)) if self.num_prefix_tokens else out + local
-        )
 
 
 class PVTAgentAttention(AgentAttentionBase):

@@ -1,4 +1,5 @@
-"""Agent attention on a packed ``[q | k | v]`` projection, with a hand-written backward (CPU training path).
+"""Agent attention plus its DWC term on a packed ``[q | k | v]`` projection, with a hand-written backward (the
+CPU training path of :class:`agentattn.layers.AgentAttention`).
 
 Autograd through the layer (split of the qkv projection, head split, pooling, two softmax attentions) spends a
 large part of a training step moving memory rather than multiplying: every head-split operand is copied before
@@ -10,8 +11,8 @@ itself:
   (B, N, ·) tensors (no head-split copies), and out, dq, dk and dv are copied into their slices (a batched matmul
   writing into a strided slice itself falls back to a loop over the batch, 2.5× slower);
 - the backward writes one (B, N, 3C) gradient, the one ``qkv`` needs;
-- it returns the spatial values as a channels-last (B, C, H, W) map for the depthwise conv, whose gradient it adds
-  into dv.
+- the depthwise conv on the spatial values runs on one channels-last copy of them and is added into the output
+  buffer in place (no padded copy, no extra sum); its input gradient is added into dv.
 
 Per head h (s the scale, B1/B2 the biases, A = pool(Q) the agents):
 
@@ -19,6 +20,8 @@ Per head h (s the scale, B1/B2 the biases, A = pool(Q) the agents):
     dP2 = dO·Vaᵀ   dVa = P2ᵀ·dO   dL2 = P2 ⊙ (dP2 - rowsum(dP2 ⊙ P2))   dQ = s·dL2·A   dA = s·dL2ᵀ·Q
     dP1 = dVa·Vᵀ   dV = P1ᵀ·dVa   dL1 = P1 ⊙ (dP1 - rowsum(dP1 ⊙ P1))   dK = s·dL1ᵀ·A  dA += s·dL1·K
     dB1 = Σ_batch dL1   dB2 = Σ_batch dL2   dQ_spatial += pool_backward(dA)
+
+and out[spatial] += DWC(V_spatial), whose backward is ``aten.convolution_backward``.
 
 It is tested against autograd through :func:`agentattn.ops.agent_attention` (outputs and every gradient) and with
 ``torch.autograd.gradcheck`` in float64.
@@ -53,27 +56,29 @@ def agent_attention_packed(
     qkv: torch.Tensor,
     agent_bias: torch.Tensor,
     query_bias: torch.Tensor,
+    dwc_weight: torch.Tensor,
+    dwc_bias: torch.Tensor | None,
     *,
     num_heads: int,
     grid_size: tuple[int, int],
     agent_grid: tuple[int, int],
     num_prefix_tokens: int = 0,
     scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Agent attention with pooled agents, on a packed projection, for training.
+) -> torch.Tensor:
+    """Agent attention with pooled agents plus the DWC term, on a packed projection, for training.
 
     Args:
         qkv: (B, P + H·W, 3C), the projection ``[q | k | v]`` along channels (channel = head·d + j in each part).
         agent_bias: B1, (1, h, n, P + H·W). query_bias: B2, (1, h, P + H·W, n).
+        dwc_weight: (C, 1, k, k) depthwise conv on the spatial values (odd k, zero padding k // 2), ``dwc_bias``
+            (C,) or None; the prefix tokens get no DWC term, as officially.
         num_heads: h; d = C / h.
         grid_size: (H, W) of the spatial tokens; the first P tokens (``num_prefix_tokens``) are not pooled.
         agent_grid: (rows, cols) of the adaptive average pooling of the spatial queries; n = rows·cols.
         scale: logit scale s (None: d ** -0.5).
 
     Returns:
-        out: (B, P + H·W, C), the attention output (before any DWC term or projection).
-        v_map: (B, C, H, W) channels-last copy of the spatial values, for the depthwise conv; its gradient flows
-        back into the v part of ``qkv``.
+        (B, P + H·W, C): what ``AgentAttention`` projects with ``proj``.
     """
     if qkv.dim() != 3 or qkv.shape[-1] % 3:
         raise ValueError(f"qkv must be (B, N, 3C), got shape {tuple(qkv.shape)}")
@@ -95,10 +100,17 @@ def agent_attention_packed(
             raise ValueError(f"{name} must have shape {shape}, got {tuple(bias.shape)}")
         if bias.dtype != qkv.dtype or bias.device != qkv.device:
             raise TypeError(f"{name} must match qkv's dtype and device ({qkv.dtype}, {qkv.device})")
+    k = dwc_weight.shape[-1]
+    if tuple(dwc_weight.shape) != (channels, 1, k, k) or k % 2 == 0:
+        raise ValueError(f"dwc_weight must be a depthwise (C, 1, k, k) kernel with odd k, C = {channels}, "
+                         f"got {tuple(dwc_weight.shape)}")  # fmt: skip
+    if dwc_bias is not None and tuple(dwc_bias.shape) != (channels,):
+        raise ValueError(f"dwc_bias must have shape ({channels},), got {tuple(dwc_bias.shape)}")
     s = (channels // num_heads) ** -0.5 if scale is None else scale
     return _PackedAgentAttention.apply(
-        qkv, agent_bias, query_bias, num_heads, tuple(grid_size), tuple(agent_grid), num_prefix_tokens, s
-    )
+        qkv, agent_bias, query_bias, dwc_weight, dwc_bias, num_heads, tuple(grid_size), tuple(agent_grid),
+        num_prefix_tokens, s,
+    )  # fmt: skip
 
 
 def _spatial_map(x: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -125,7 +137,9 @@ def _pool_backward_into(
 
 class _PackedAgentAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, bias1, bias2, heads, grid, agent_grid, prefix, scale):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, qkv, bias1, bias2, dwc_weight, dwc_bias, heads, grid, agent_grid, prefix, scale
+    ):
         channels = qkv.shape[-1] // 3
         d = channels // heads
         q, k, v = qkv.split(channels, dim=-1)  # (B, N, C) strided views
@@ -136,25 +150,26 @@ class _PackedAgentAttention(torch.autograd.Function):
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             a_h = agents[..., cols]
-            p1 = torch.baddbmm(bias1[0, h], a_h, k[..., cols].transpose(1, 2), alpha=scale).softmax(
-                -1
-            )  # (B, n, M)
+            logits1 = torch.baddbmm(bias1[0, h], a_h, k[..., cols].transpose(1, 2), alpha=scale)  # (B, n, M)
+            p1 = logits1.softmax(-1)
             va = torch.bmm(p1, v[..., cols])  # (B, n, d)
-            p2 = torch.baddbmm(bias2[0, h], q[..., cols], a_h.transpose(1, 2), alpha=scale).softmax(
-                -1
-            )  # (B, N, n)
+            logits2 = torch.baddbmm(bias2[0, h], q[..., cols], a_h.transpose(1, 2), alpha=scale)  # (B, N, n)
+            p2 = logits2.softmax(-1)
             out[..., cols] = torch.bmm(p2, va)  # bmm(out=) into a strided slice takes a per-matrix loop
             saved += [p1, va, p2]
-        v_map = _spatial_map(v, prefix, grid).contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(qkv, agents, *saved)
-        ctx.config = (heads, grid, agent_grid, prefix, scale)
-        return out, v_map
+        v_map = _spatial_map(v, prefix, grid).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+        pad = dwc_weight.shape[-1] // 2
+        local = F.conv2d(v_map, dwc_weight, dwc_bias, padding=pad, groups=channels)  # channels-last
+        _spatial_map(out, prefix, grid).add_(local)
+        ctx.save_for_backward(qkv, agents, v_map, dwc_weight, *saved)
+        ctx.config = (heads, grid, agent_grid, prefix, scale, pad, dwc_bias is not None)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_v_map):  # type: ignore[override]
-        qkv, agents, *saved = ctx.saved_tensors
-        heads, grid, agent_grid, prefix, scale = ctx.config
+    def backward(ctx, grad_out):  # type: ignore[override]
+        qkv, agents, v_map, dwc_weight, *saved = ctx.saved_tensors
+        heads, grid, agent_grid, prefix, scale, pad, has_dwc_bias = ctx.config
         channels = qkv.shape[-1] // 3
         d = channels // heads
         q, k, v = qkv.split(channels, dim=-1)
@@ -165,17 +180,14 @@ class _PackedAgentAttention(torch.autograd.Function):
         need_b1, need_b2 = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_b1 = qkv.new_empty(1, heads, n, tokens) if need_b1 else None
         grad_b2 = qkv.new_empty(1, heads, tokens, n) if need_b2 else None
-        if grad_out is None:
-            grad_out = qkv.new_zeros(q.shape)
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             p1, va, p2 = saved[3 * h : 3 * h + 3]
             a_h, d_out = agents[..., cols], grad_out[..., cols]
             # query step
             d_va = torch.bmm(p2.transpose(1, 2), d_out)  # (B, n, d)
-            d_l2 = torch._softmax_backward_data(
-                torch.bmm(d_out, va.transpose(1, 2)), p2, -1, p2.dtype
-            )  # (B, N, n)
+            d_p2 = torch.bmm(d_out, va.transpose(1, 2))  # (B, N, n)
+            d_l2 = torch._softmax_backward_data(d_p2, p2, -1, p2.dtype)
             if need_b2:
                 torch.sum(d_l2, dim=0, out=grad_b2[0, h])
             d_l2.mul_(scale)
@@ -183,9 +195,8 @@ class _PackedAgentAttention(torch.autograd.Function):
             grad_a = torch.bmm(d_l2.transpose(1, 2), q[..., cols])  # (B, n, d)
             # agent step
             grad_v[..., cols] = torch.bmm(p1.transpose(1, 2), d_va)
-            d_l1 = torch._softmax_backward_data(
-                torch.bmm(d_va, v[..., cols].transpose(1, 2)), p1, -1, p1.dtype
-            )
+            d_p1 = torch.bmm(d_va, v[..., cols].transpose(1, 2))  # (B, n, M)
+            d_l1 = torch._softmax_backward_data(d_p1, p1, -1, p1.dtype)
             if need_b1:
                 torch.sum(d_l1, dim=0, out=grad_b1[0, h])
             d_l1.mul_(scale)
@@ -194,6 +205,10 @@ class _PackedAgentAttention(torch.autograd.Function):
         _pool_backward_into(
             _spatial_map(grad_q, prefix, grid), grad_agents, _spatial_map(q, prefix, grid), agent_grid
         )
-        if grad_v_map is not None:
-            _spatial_map(grad_v, prefix, grid).add_(grad_v_map)
-        return grad, grad_b1, grad_b2, None, None, None, None, None
+        need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_v_map, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            _spatial_map(grad_out, prefix, grid), v_map, dwc_weight, [channels] if has_dwc_bias else None,
+            [1, 1], [pad, pad], [1, 1], False, [0, 0], channels, [True, need_w, need_b],
+        )  # fmt: skip
+        _spatial_map(grad_v, prefix, grid).add_(grad_v_map)
+        return grad, grad_b1, grad_b2, grad_w, grad_b, None, None, None, None, None
