@@ -211,8 +211,9 @@ class AgentMixer(_Mixer):
     def _conv(self, v_seq: torch.Tensor) -> torch.Tensor:
         """Causal depthwise conv over time: v_seq (B, T, C) → (B, T, C), output t reading values t - K + 1 .. t.
 
-        The tokens are viewed as a channels-last (B, C, 1, T) map, so oneDNN reads and writes them in place of two
-        transposing copies; padding both ends by K - 1 and keeping the first T outputs makes the conv causal.
+        The tokens are viewed as a channels-last (B, C, 1, T) map, so oneDNN works on them without the two
+        transposing copies of a (B, C, T) Conv1d; padding both ends by K - 1 and keeping the first T outputs makes
+        the conv causal.
         """
         K = self.conv_kernel
         x = v_seq.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T), channels-last strides
@@ -242,9 +243,7 @@ class AgentMixer(_Mixer):
         if self.dwc is not None:
             y = y + self._conv(v_seq)
         keep = max(self.conv_kernel - 1, 0)
-        hist = F.pad(v_seq, (0, 0, keep, 0))[
-            :, v_seq.shape[1] :
-        ]  # (B, K - 1, C): last K - 1 values, zero-padded
+        hist = F.pad(v_seq, (0, 0, keep, 0))[:, v_seq.shape[1] :]  # (B, K - 1, C): last values, zero-padded
         state = causal_agent_prefill(k, v, agents, decay, chunk_size=self.chunk_size)
         return self.proj(y), AgentMixerState(state, hist.contiguous())
 

@@ -478,8 +478,11 @@ def _causal_agent_step(
         state.mask.narrow(3, n + half, C).fill_(float("-inf"))
     if state.has_memory and not state.agent_rows_current:
         state.keys.narrow(2, 0, n).copy_(agents)
-        bias_rows = state.mask.narrow(3, 0, n)
-        bias_rows.fill_(0.0) if agent_bias is None else bias_rows.copy_(agent_bias[:, None])
+        bias_rows = state.mask.narrow(3, 0, n)  # (1, H, 1, n)
+        if agent_bias is None:
+            bias_rows.fill_(0.0)
+        else:
+            bias_rows.copy_(agent_bias[:, None])
         state.agent_rows_current = True
     row = n + t % (2 * C)
     state.keys.narrow(2, row, 1).copy_(k)
