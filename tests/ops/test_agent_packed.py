@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from agentattn.layers import AgentAttention
 from agentattn.layers import agent_attention as layer_module
+from agentattn.models.agent_swin import SwinAgentAttention
 from agentattn.ops import agent_attention
 from agentattn.ops.agent_packed import agent_attention_packed, packed_path_applies
 from tests.conftest import assert_close_rel
@@ -120,11 +121,22 @@ def test_applies_only_to_cpu_training():
     assert not packed_path_applies(qkv.half())
 
 
-@pytest.mark.parametrize("prefix", [0, 1])
-def test_layer_training_step_matches_unpacked_path(monkeypatch, prefix):
-    """AgentAttention in train mode (packed path) against the same layer forced onto the autograd path."""
+def _agent_layer(prefix):
+    return AgentAttention(32, num_heads=2, agent_num=9, grid_size=(6, 6), num_prefix_tokens=prefix)
+
+
+def _downstream_swin_layer(prefix):
+    """Agent-Swin's layer pooling onto a downstream agent grid (more agents than it was built with)."""
+    return SwinAgentAttention(32, num_heads=2, agent_num=9, grid_size=(6, 6), target_agent_grid=(4, 5))
+
+
+@pytest.mark.parametrize(
+    "make_layer, prefix", [(_agent_layer, 0), (_agent_layer, 1), (_downstream_swin_layer, 0)]
+)
+def test_layer_training_step_matches_unpacked_path(monkeypatch, make_layer, prefix):
+    """A layer in train mode (packed path) against the same layer forced onto the autograd path."""
     torch.manual_seed(0)
-    layer = AgentAttention(32, num_heads=2, agent_num=9, grid_size=(6, 6), num_prefix_tokens=prefix).train()
+    layer = make_layer(prefix).train()
     x = torch.randn(3, prefix + 36, 32, requires_grad=True)
     calls = []
     original = layer_module.agent_attention_packed

@@ -25,7 +25,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers.agent_attention import CSwinAgentAttention
@@ -74,10 +73,8 @@ class _DownstreamAgentMixin:
 
     target_agent_grid: tuple[int, int]
 
-    def make_agents(self, q: torch.Tensor, query_grid: tuple[int, int]) -> torch.Tensor:
-        spatial = q[:, self.num_prefix_tokens :].unflatten(1, query_grid).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(spatial, self.target_agent_grid)
-        return pooled.flatten(2).transpose(1, 2).contiguous()
+    def pooled_agent_grid(self) -> tuple[int, int]:
+        return self.target_agent_grid
 
     def biases(self, key_grid: tuple[int, int], query_grid: tuple[int, int]):
         return agent_biases(

@@ -161,6 +161,11 @@ class AgentAttentionBase(nn.Module):
             self._bias_cache = cache = (key, params, agent_biases(self, key_grid, query_grid))
         return cache[2]
 
+    def pooled_agent_grid(self) -> tuple[int, int]:
+        """The (rows, cols) grid :meth:`make_agents` pools the queries onto: ``agent_grid``, or the downstream grid
+        of a detection/segmentation backbone, which overrides this together with :meth:`biases`."""
+        return self.agent_grid
+
     def make_agents(self, q: torch.Tensor, query_grid: tuple[int, int]) -> torch.Tensor:
         """(B, P + Hq·Wq, C) queries → (B, n, C) agents: average-pooled spatial queries, or learned tokens."""
         batch = q.shape[0]
@@ -169,7 +174,7 @@ class AgentAttentionBase(nn.Module):
         spatial = (
             q[:, self.num_prefix_tokens :].unflatten(1, query_grid).permute(0, 3, 1, 2)
         )  # channels-last view
-        pooled = adaptive_avg_pool2d(spatial, self.agent_grid)  # (B, C, rows, cols)
+        pooled = adaptive_avg_pool2d(spatial, self.pooled_agent_grid())  # (B, C, rows, cols)
         # contiguous: fused SDPA kernels need stride 1 on the last dim, and the pooled map may come out either way.
         return pooled.flatten(2).transpose(1, 2).contiguous()
 
@@ -300,6 +305,7 @@ class AgentAttention(AgentAttentionBase):
             and not (self.training and self.attn_drop > 0)
             and not self.learned_agents
             and self._attention_sink is None
+            and type(self).make_agents is AgentAttentionBase.make_agents  # it pools onto pooled_agent_grid()
         )
 
     def _attend_packed(self, qkv: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -307,7 +313,7 @@ class AgentAttention(AgentAttentionBase):
         bias1, bias2 = self.biases(grid, grid)
         return agent_attention_packed(
             qkv, bias1, bias2, self.dwc.weight, self.dwc.bias, num_heads=self.num_heads, grid_size=grid,
-            agent_grid=self.agent_grid, num_prefix_tokens=self.num_prefix_tokens, scale=self.scale,
+            agent_grid=self.pooled_agent_grid(), num_prefix_tokens=self.num_prefix_tokens, scale=self.scale,
         )  # fmt: skip
 
 

@@ -176,12 +176,8 @@ class SwinAgentAttention(AgentAttention):
         super().__init__(*args, **kwargs)
         self.target_agent_grid = None if target_agent_grid is None else tuple(target_agent_grid)
 
-    def make_agents(self, q: torch.Tensor, query_grid: tuple[int, int]) -> torch.Tensor:
-        if self.target_agent_grid is None or self.learned_agents:
-            return super().make_agents(q, query_grid)
-        spatial = q[:, self.num_prefix_tokens :].unflatten(1, query_grid).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(spatial, self.target_agent_grid)
-        return pooled.flatten(2).transpose(1, 2).contiguous()
+    def pooled_agent_grid(self) -> tuple[int, int]:
+        return self.agent_grid if self.target_agent_grid is None else self.target_agent_grid
 
     def biases(
         self, key_grid: tuple[int, int], query_grid: tuple[int, int]
