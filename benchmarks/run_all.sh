@@ -13,7 +13,7 @@ PART=${1:-all}
 RESULTS=benchmarks/results
 mkdir -p build "$RESULTS/sections"
 if [[ "$PART" == all || "$PART" == attention ]]; then
-	flock build/cpu.lock "$BIN" bench attention --compile --budget 3 --rounds 3 --case-timeout 90 \
+	flock build/cpu.lock "$BIN" bench attention --compile --budget 5 --rounds 5 --case-timeout 90 \
 		--mem-limit-gb 6 --json "$RESULTS/attention.json"
 fi
 if [[ "$PART" == all || "$PART" == model ]]; then

@@ -34,6 +34,9 @@ def test_attention_sweep_writes_every_case(attention_json):
             assert res["ms"] > 0 and res["peak_mb"] >= 0, (row["case"], mode, res)
     base = next(r for r in result["layers"] if r["case"] == "agentattn")
     assert base["modes"]["fwd"]["ratio"] == 1.0
+    official = next(r for r in result["layers"] if r["case"] == "official")["modes"]["fwd"]
+    assert len(official["round_ms"]) == official["runs"] == len(official["round_ratios"])
+    assert min(official["round_ratios"]) <= official["ratio"] <= max(official["round_ratios"])
     assert result["matmul_peak"]["gflops_per_s"] > 0
     assert 0 < result["op"][0]["fraction_of_peak"]
     assert png.stat().st_size > 0
@@ -137,11 +140,13 @@ def test_report_goals_from_a_sweep():
         "config": {"dim": 192, "heads": 3, "agents": 49},
         "layers": [
             row("agentattn", 197, 64, fwd={"ms": 1.0, "ratio": 1.0}, fwd_bwd={"ms": 1.0, "ratio": 1.0}),
-            row("official", 197, 64, fwd={"ms": 1.4, "ratio": 1.4}, fwd_bwd={"ms": 1.2, "ratio": 1.2}),
+            row("official", 197, 64, fwd={"ms": 1.4, "ratio": 1.4, "round_ratios": [1.25, 1.4, 1.5]},
+                fwd_bwd={"ms": 1.2, "ratio": 1.2}),
         ],
-    }
+    }  # fmt: skip
     goals = report.attention_goals(result)
     assert [g["met"] for g in goals[:2]] == [True, False]
+    assert goals[0]["value"] == "1.40× (rounds 1.25–1.50×)" and goals[1]["value"] == "1.20×"
 
 
 def test_fresh_process_peak_memory_sees_a_large_case():

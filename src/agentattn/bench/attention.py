@@ -191,8 +191,11 @@ def measure_in_subprocess(spec: dict, timeout_s: float) -> dict[str, dict]:
 
 
 # -- the sweep ---------------------------------------------------------------------------------------------------
-def _interleaved(calls: dict[str, Callable[[], object]], budget_s: float, rounds: int) -> dict[str, float]:
-    """Median over ``rounds`` rounds, each timing every case in turn after one warm-up call of each."""
+def _interleaved(
+    calls: dict[str, Callable[[], object]], budget_s: float, rounds: int
+) -> dict[str, list[float]]:
+    """Per-round medians (ms) of every case over ``rounds`` rounds, each timing every case in turn after one
+    warm-up call of each."""
     per_case: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         call()
@@ -201,7 +204,7 @@ def _interleaved(calls: dict[str, Callable[[], object]], budget_s: float, rounds
             per_case[name].append(
                 median_ms(call, warmup=0, min_reps=1, max_reps=5, budget_s=budget_s / rounds)
             )
-    return {name: statistics.median(times) for name, times in per_case.items()}
+    return per_case
 
 
 def bench_sweep(
@@ -281,6 +284,10 @@ def bench_sweep(
                 ref = base["modes"].get(mode, {}) if base else {}
                 if "ms" in result and "ms" in ref:
                     result["ratio"] = result["ms"] / ref["ms"]  # > 1: agentattn is faster
+                    if "round_ms" in result and "round_ms" in ref:  # the same rounds: paired, time-matched
+                        result["round_ratios"] = [
+                            a / b for a, b in zip(result["round_ms"], ref["round_ms"], strict=True)
+                        ]
                 if "ms" in result:
                     flops = row["fwd_flops"] * (1 if mode == "fwd" else 3)
                     result["gflops_per_s"] = flops / result["ms"] / 1e6
@@ -318,8 +325,8 @@ def _time_group(group, batch, n_tokens, dim, side, budget_s, rounds, heads, agen
                 layer = torch.compile(layer, fullgraph=True)
             calls[name] = time_mode(layer, x, mode)
         if calls:
-            for name, ms in _interleaved(calls, budget_s, rounds).items():
-                group[name]["modes"][mode].update(ms=ms, runs=rounds)
+            for name, times in _interleaved(calls, budget_s, rounds).items():
+                group[name]["modes"][mode].update(ms=statistics.median(times), runs=rounds, round_ms=times)
 
 
 def bench_op_efficiency(
