@@ -234,36 +234,3 @@ def test_inference_bias_cache_follows_parameter_changes():
     layer.load_state_dict(other.state_dict())
     with torch.inference_mode():
         assert torch.equal(layer(x), other.eval()(x))
-
-
-@pytest.mark.parametrize(
-    "make,x",
-    [
-        (lambda: AgentAttention(24, 2, 9, (6, 6), num_prefix_tokens=1), torch.randn(7, 37, 24)),
-        (lambda: AgentAttention(24, 3, 4, (4, 4), learned_agents=True), torch.randn(5, 16, 24)),
-        (lambda: PVTAgentAttention(24, 2, 4, (6, 6), sr_ratio=2), torch.randn(6, 36, 24)),
-        (lambda: CSwinAgentAttention(24, 2, 9, (6, 6)), torch.randn(3, 5, 36, 24)),
-    ],
-)
-def test_sliced_inference_matches_whole_batch(make, x):
-    layer = randomise_(make(), std=0.3).eval()
-    q, k, v = (torch.randn(len(x) if x.dim() == 3 else x.shape[1], 36, 24) for _ in range(3))
-    per_sample = 3 * 36 * 24 * 4
-    layer.inference_chunk_bytes = 2 * per_sample  # slices of 1 or 2 samples
-    spans = []
-    attend_span = layer._attend_span
-    layer._attend_span = lambda q, *args: spans.append(len(q)) or attend_span(q, *args)
-    with torch.inference_mode():
-        assert layer.inference_chunk(q, k, v) == 2
-        sliced = layer(x)
-        assert len(spans) > 1 and sum(spans) == len(q)
-        layer.inference_chunk_bytes = None
-        assert layer.inference_chunk(q, k, v) is None
-        whole = layer(x)
-    assert_close_rel(sliced, whole, 1e-6, "sliced")
-    layer.inference_chunk_bytes = 2 * per_sample
-    assert layer.inference_chunk(q.requires_grad_(), k, v) is None  # autograd: the whole batch at once
-    with torch.no_grad():
-        assert layer.inference_chunk(q, k, v) == 2
-    layer.inference_chunk_bytes = 10**9
-    assert layer.inference_chunk(q.detach(), k, v) is None  # fits: no slicing

@@ -58,11 +58,6 @@ def adaptive_avg_pool2d(x: torch.Tensor, output_size: tuple[int, int]) -> torch.
     return _pool_matrix(height, rows, x) @ x @ _pool_matrix(width, cols, x).T  # (B, C, rows, cols)
 
 
-# Measured at the DeiT-T block config on the 2-core dev VM: slices of 4, 8 and 16 samples (q, k and v of 3.6 to
-# 15 MiB) were equally fast; this sits between the L2 of a core and a typical L3.
-DEFAULT_INFERENCE_CHUNK_BYTES = 8 << 20
-
-
 class AgentAttentionBase(nn.Module):
     """Shared machinery: bias parameters, agent pooling, the op call and the DWC term.
 
@@ -105,8 +100,6 @@ class AgentAttentionBase(nn.Module):
             self, num_heads, self.agent_num, self.key_grid_size, self.grid_size, num_prefix_tokens
         )
         self._bias_cache: tuple | None = None  # (key, bias parameters, (B1, B2)); see biases()
-        # Bytes of q, k and v per slice of the batch in CPU inference (see inference_chunk); None: no slicing.
-        self.inference_chunk_bytes: int | None = DEFAULT_INFERENCE_CHUNK_BYTES
         # Set by agentattn.layers.record_agent_attention: called with the split q, k, agents and biases.
         self._attention_sink = None
         if learned_agents:
@@ -209,51 +202,10 @@ class AgentAttentionBase(nn.Module):
             q: (B, P + Hq·Wq, C); k, v: (B, P + Hk·Wk, C).
         Returns:
             (B, P + Hq·Wq, C), before any output projection.
-
-        CPU inference goes through the batch in slices of :meth:`inference_chunk` samples (same result).
         """
-        bias1, bias2 = self.biases(key_grid, query_grid)
-        chunk = self.inference_chunk(q, k, v)
-        if chunk is None:
-            return self._attend_span(q, k, v, query_grid, key_grid, bias1, bias2)
-        out = None
-        for start in range(0, q.shape[0], chunk):
-            span = slice(start, start + chunk)
-            part = self._attend_span(q[span], k[span], v[span], query_grid, key_grid, bias1, bias2)
-            if out is None:
-                out = part.new_empty((q.shape[0], *part.shape[1:]))
-            out[span] = part
-        return out
-
-    def inference_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int | None:
-        """Samples per slice when :meth:`attend` goes through the batch in slices, or None for all at once.
-
-        On CPU without autograd, a batch whose q, k and v take more than ``inference_chunk_bytes`` is taken in
-        slices of about that size: pooling, both attention steps and the DWC of a slice then read data that is
-        still in cache, instead of streaming the whole batch from memory five times. At the DeiT-T block
-        config (B = 64, N = 197) this made the forward's median 30% faster on a busy 2-core VM and changed
-        nothing on a quiet one (`agentattn bench attention`). Set ``inference_chunk_bytes = None`` to turn it off.
-        """
-        budget = self.inference_chunk_bytes
-        if (
-            budget is None
-            or q.shape[0] < 2
-            or q.device.type != "cpu"
-            or self._attention_sink is not None
-            or (self.training and self.attn_drop > 0)
-            or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters())))
-        ):
-            return None
-        per_sample = (q[0].numel() + k[0].numel() + v[0].numel()) * q.element_size()
-        chunk = max(1, budget // max(per_sample, 1))
-        return chunk if chunk < q.shape[0] else None
-
-    def _attend_span(self, q, k, v, query_grid, key_grid, bias1, bias2) -> torch.Tensor:
-        """:meth:`attend` for some samples, with the biases already resolved."""
         batch, num_queries, channels = q.shape
         agents = self.make_agents(q, query_grid)  # (B, n, C)
+        bias1, bias2 = self.biases(key_grid, query_grid)
         if self._attention_sink is not None:
             self._attention_sink(
                 self, self.split_heads(q), self.split_heads(k), self.split_heads(agents), bias1, bias2,
