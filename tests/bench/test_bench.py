@@ -16,9 +16,9 @@ TINY = ["--tokens", "17", "--agents", "4", "--dim", "32", "--heads", "2", "--bat
 def attention_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     path, png = out / "attention.json", out / "attention.png"
-    argv = ["bench", "attention", *TINY, "--budget", "0.05", "--rounds", "1", "--peak-size", "128"]
+    argv = ["bench", "attention", *TINY, "--budget", "0.05", "--rounds", "2", "--peak-size", "128"]
     argv += ["--memory", "inprocess"]  # the fresh-process path is tested on one case below
-    assert main([*argv, "--json", str(path), "--plot", str(png)]) == 0
+    assert main([*argv, "--json", str(path), "--plot", str(png), "--section", str(out / "rounds.json")]) == 0
     return path, png
 
 
@@ -40,6 +40,24 @@ def test_attention_sweep_writes_every_case(attention_json):
     assert result["matmul_peak"]["gflops_per_s"] > 0
     assert 0 < result["op"][0]["fraction_of_peak"]
     assert png.stat().st_size > 0
+
+
+def test_rounds_section_lists_paired_ratios(attention_json):
+    path, _ = attention_json
+    section = json.loads((path.parent / "rounds.json").read_text())
+    assert section["kind"] == "section" and section["title"] == "Attention layers: paired rounds at N = 17"
+    table = [line for line in section["markdown"].splitlines() if line.startswith("| 17 | 2 |")]
+    result = json.loads(path.read_text())
+    expected = sum(
+        "round_ratios" in res
+        for r in result["layers"]
+        if r["case"] != "agentattn"
+        for res in r["modes"].values()
+    )
+    assert expected > 0 and len(table) == expected
+    assert section["goals"] == []  # the tiny config is not a goal config
+    text = report.build_report(None, None, [path.parent / "rounds.json"], path.parent, path.parent, "cmd")
+    assert "## Attention layers: paired rounds at N = 17" in text and table[0] in text
 
 
 def test_cases_share_weights_and_agree_with_official():
@@ -163,3 +181,23 @@ def test_fresh_process_peak_memory_sees_a_large_case():
     }
     result = attention.measure_in_subprocess({**spec, "modes": ["fwd"]}, timeout_s=120)
     assert result["fwd"]["peak_mb"] >= 16, result
+
+
+def test_rounds_section_judges_the_deit_goals(tmp_path):
+    def row(case, **modes):
+        return {"case": case, "tokens": 197, "batch": 64, "modes": modes}
+
+    rounds = {"ms": 1.0, "ratio": 1.0, "round_ratios": [1.0, 1.0, 1.0]}
+    result = {
+        "command": "agentattn bench attention --tokens 197", "environment": {},
+        "config": {"dim": 192, "heads": 3, "agents": 49, "label": "DeiT-T", "rounds": 3, "budget_s": 1.0},
+        "layers": [
+            row("agentattn", fwd=rounds, fwd_bwd=rounds),
+            row("official", fwd={"ms": 1.4, "ratio": 1.4, "round_ratios": [1.2, 1.4, 1.5]},
+                fwd_bwd={"ms": 1.25, "ratio": 1.25, "round_ratios": [1.1, 1.25, 1.6]}),
+        ],
+    }  # fmt: skip
+    attention.write_rounds_section(result, tmp_path / "s.json")
+    section = json.loads((tmp_path / "s.json").read_text())
+    assert [g["met"] for g in section["goals"]] == [True, False]
+    assert "| 197 | 64 | official | fwd_bwd | 1.25× | 1.25× |" in section["markdown"]

@@ -573,6 +573,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-op", action="store_true", help="skip the op efficiency and the matmul peak")
     parser.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
     parser.add_argument("--plot", type=str, default=None, help="write the log-log plot to this PNG file")
+    parser.add_argument(
+        "--section",
+        type=str,
+        default=None,
+        help="also write a BENCHMARKS.md section JSON: the paired per-round ratios of every case and the goals",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -659,7 +665,48 @@ def run(args: argparse.Namespace) -> int:
         write_json(result, args.json)
     if args.plot:
         plot(result, args.plot)
+    if args.section:
+        write_rounds_section(result, args.section)
     return 0
+
+
+def rounds_table(rows: list[dict]) -> str:
+    """Markdown table of the paired per-round ratios (case time / agentattn time in the same round)."""
+    lines = [
+        "| N | B | case | mode | ratio of medians | per-round ratios: median | quartiles | range | rounds |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for mode, res in row["modes"].items():
+            per_round = sorted(res.get("round_ratios", []))
+            if row["case"] == "agentattn" or not per_round:
+                continue
+            quartiles = statistics.quantiles(per_round, n=4) if len(per_round) > 1 else per_round * 3
+            lines.append(
+                f"| {row['tokens']} | {row['batch']} | {row['case']} | {mode} | {res['ratio']:.2f}× | "
+                f"{statistics.median(per_round):.2f}× | {quartiles[0]:.2f}–{quartiles[2]:.2f}× | "
+                f"{per_round[0]:.2f}–{per_round[-1]:.2f}× | {len(per_round)} |"
+            )
+    return "\n".join(lines)
+
+
+def write_rounds_section(result: dict, path: str | Path) -> None:
+    """A report section for a focused run (e.g. the DeiT-T goal config with many rounds)."""
+    from .report import attention_goals, write_section
+
+    config = result["config"]
+    markdown = (
+        f"Config: {config['label']}; {config['rounds']} interleaved rounds, {config['budget_s']:g} s per case and "
+        "mode. Each round times every case in turn; a per-round ratio divides a case's time by agentattn's in the "
+        "same round, so a slow spell of the machine hits both sides of it.\n\n"
+        + rounds_table(result["layers"])
+    )
+    goals = [g for g in attention_goals(result) if g["met"] is not None]
+    tokens = ", ".join(str(n) for n in sorted({r["tokens"] for r in result["layers"]}))
+    write_section(
+        path, f"Attention layers: paired rounds at N = {tokens}", result["command"], result["environment"],
+        markdown, goals,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
