@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Measure what BENCHMARKS.md shows and regenerate it: one command, run from the repository root.
 #   benchmarks/run_all.sh              # attention sweep + model throughput + report (about 30 min on 2 cores)
-#   benchmarks/run_all.sh attention    # only the attention sweep, then the report
+#   benchmarks/run_all.sh attention    # only the attention sweep and its 20-round DeiT-T run, then the report
 #   benchmarks/run_all.sh model        # only the model throughput, then the report
 #   benchmarks/run_all.sh report       # only regenerate BENCHMARKS.md from benchmarks/results/*.json
 # The measured JSON lands in benchmarks/results/ and is committed with BENCHMARKS.md. Sections measured elsewhere
