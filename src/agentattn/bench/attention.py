@@ -357,9 +357,7 @@ def bench_op_efficiency(
         with torch.inference_mode():
             a @ b
             for r in range(rounds):
-                t0 = time.perf_counter()
-                a @ b
-                peak = 2 * peak_size**3 / (time.perf_counter() - t0) / 1e9
+                peak = 2 * peak_size**3 / _timed_matmul(a, b) / 1e9
                 ms = median_ms(call, warmup=int(r == 0), min_reps=3, budget_s=budget_s / rounds)
                 op_ms.append(ms)
                 peaks.append(peak)
@@ -379,12 +377,15 @@ def matmul_peak(size: int = 2048, reps: int = 5) -> dict:
     """fp32 matmul peak: 2·m³/t of a square (m × m)·(m × m) product, best of ``reps`` after a warm-up."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = min(_timed_matmul(a, b) for _ in range(reps))
     return {"size": size, "seconds": best, "gflops_per_s": 2 * size**3 / best / 1e9}
+
+
+def _timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Seconds of one ``a @ b``."""
+    t0 = time.perf_counter()
+    a @ b
+    return time.perf_counter() - t0
 
 
 # -- output ------------------------------------------------------------------------------------------------------

@@ -187,9 +187,8 @@ class _DownstreamPVTAgentAttention(PVTAgentAttention):
         super().__init__(*args, **kwargs)
         self.pool_grid = pool_grid
 
-    def make_agents(self, q: torch.Tensor, query_grid: tuple[int, int]) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(_tokens_to_map(q, query_grid), self.pool_grid)
-        return pooled.flatten(2).transpose(1, 2).contiguous()
+    def pooled_agent_grid(self) -> tuple[int, int]:
+        return self.pool_grid
 
     def biases(
         self, key_grid: tuple[int, int], query_grid: tuple[int, int]
