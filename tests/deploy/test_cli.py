@@ -69,7 +69,7 @@ def test_unreadable_checkpoint(tmp_path, capsys, content):
 def test_missing_checkpoint_and_checkpoint_of_another_model(fmnist_checkpoint, tmp_path, capsys):
     out = tmp_path / "m.pt2"
     assert _export([FMNIST_MODEL, str(out), "--format", "torch-export", "--checkpoint", "nope.pth"]) == 1
-    assert "nope.pth: no such file" in capsys.readouterr().err
+    assert "nope.pth: no such checkpoint file" in capsys.readouterr().err
     args = ["agent_deit_tiny_patch16_224", str(out), "--format", "torch-export", "--checkpoint"]
     assert _export([*args, str(fmnist_checkpoint)]) == 1
     assert f"checkpoint of {FMNIST_MODEL!r}, not 'agent_deit_tiny_patch16_224'" in capsys.readouterr().err

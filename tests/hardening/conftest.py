@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from agentattn.io import atomic_write_text
+
 from . import figures
 
 
@@ -16,6 +18,4 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(line)
     target = os.environ.get("HARDENING_FIGURES")
     if target:
-        with open(target + ".tmp", "w") as f:
-            json.dump(figures.as_dict(), f, indent=1)
-        os.replace(target + ".tmp", target)
+        atomic_write_text(target, json.dumps(figures.as_dict(), indent=1))

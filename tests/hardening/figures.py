@@ -18,6 +18,10 @@ UNCLEAR: list[str] = []  # "entry: case: what happened" for the cases that did n
 KILLS: dict[str, int] = defaultdict(int)  # cycles, during_write, lost
 MALICIOUS: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # loader -> [tried, blocked]
 MIXED: dict[str, float] = {}  # large-logit mixed precision: "dtype path what" -> error / max|ref|
+CORPUS: dict[
+    str, list[int]
+] = {}  # crafted-file class -> [(case, reader) pairs tried, refused cleanly / loaded]
+MEMORY: dict[str, Any] = {}  # the crafted file whose load grew the peak RSS most beyond its size
 
 
 def record_error(dtype: str, what: str, rel_error: float) -> None:
@@ -36,11 +40,13 @@ def as_dict() -> dict[str, Any]:
         "unclear": list(UNCLEAR),
         "kill_resume": dict(KILLS),
         "malicious": {k: {"tried": v[0], "blocked": v[1]} for k, v in sorted(MALICIOUS.items())},
+        "corpus": {k: {"tried": v[0], "clean": v[1]} for k, v in sorted(CORPUS.items())},
+        "corpus_worst_memory": dict(MEMORY),
     }
 
 
 def empty() -> bool:
-    return not (FUZZ_CASES or MAX_ERROR or BAD_INPUT or KILLS or MALICIOUS or MIXED)
+    return not (FUZZ_CASES or MAX_ERROR or BAD_INPUT or KILLS or MALICIOUS or MIXED or CORPUS or MEMORY)
 
 
 def summary_lines() -> list[str]:
@@ -58,4 +64,13 @@ def summary_lines() -> list[str]:
     total = sum(v["tried"] for v in d["malicious"].values())
     lines.append(f"malicious pickles: {blocked} of {total} blocked, code never ran")
     lines += [f"  {k}: {v['blocked']}/{v['tried']}" for k, v in d["malicious"].items()]
+    if d["corpus"]:
+        clean = sum(v["clean"] for v in d["corpus"].values())
+        lines.append(f"crafted-file corpus: {clean} of {sum(v['tried'] for v in d['corpus'].values())} "
+                     "(file, reader) runs refused cleanly or loaded as torch.load does")  # fmt: skip
+        lines += [f"  {k}: {v['clean']}/{v['tried']}" for k, v in d["corpus"].items()]
+    if d["corpus_worst_memory"]:
+        lines.append(
+            "  largest peak-memory growth beyond the file size: " + json.dumps(d["corpus_worst_memory"])
+        )
     return lines

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import agentattn.io.atomic as atomic_module
 from agentattn.train import load_training_checkpoint
-from agentattn.train import loop as train_loop
 from tests.train import PYTHON, ROOT, TINY_CLI, needs_fashion_mnist, subprocess_env
 
 from . import figures
@@ -27,12 +27,13 @@ from .cases import CliFailed, run_cli
 
 # Functions allowed to open files for writing: the atomic writers themselves (temp file + fsync + os.replace).
 ATOMIC_WRITERS = {
-    ("_io.py", "atomic_write_bytes"),
+    ("io/atomic.py", "atomic_path"),
+    ("io/atomic.py", "atomic_open"),
     ("train/loop.py", "atomic_torch_save"),
     ("models/_checkpoint.py", "save_safetensors"),
 }
-# Appends (logs) are allowed: a kill can leave at most a partial last line, and the training loop truncates its
-# logs back to the checkpoint's recorded size on resume. A write that is not a data file (e.g. /proc) can be
+# Appends (logs, through agentattn.io.open_log) are allowed: a kill can leave at most a partial last line, and
+# the training loop truncates its logs back to the checkpoint's recorded size on resume. A write that is not a data file (e.g. /proc) can be
 # marked on its line with a comment "# not-atomic: <reason>".
 NOT_ATOMIC_MARK = "# not-atomic:"
 WRITE_CALLS = {"write_text", "write_bytes", "save", "save_file", "savefig", "to_csv", "save_pretrained"}
@@ -48,10 +49,32 @@ def _is_rename(node: ast.AST) -> bool:
     return False
 
 
+ATOMIC_CONTEXTS = {"atomic_open", "atomic_path"}  # `with atomic_open(path) as f:` writes a temp file
+
+
+def _in_atomic_context(tree: ast.AST) -> set[ast.AST]:
+    """The nodes inside the body of a ``with atomic_open(...)`` / ``with atomic_path(...)`` block."""
+    inside: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            for item in node.items:
+                call = item.context_expr
+                if isinstance(call, ast.Call):
+                    name = (
+                        call.func.attr
+                        if isinstance(call.func, ast.Attribute)
+                        else getattr(call.func, "id", "")
+                    )
+                    if name in ATOMIC_CONTEXTS:
+                        inside.update(n for stmt in node.body for n in ast.walk(stmt))
+    return inside
+
+
 def _writes(tree: ast.AST):
     """(function name, line, what) for each call in ``tree`` that writes a file in place.
 
-    A write inside a function that also renames a file into place (temp file + os.replace) counts as atomic.
+    A write inside a function that also renames a file into place (temp file + os.replace), or inside a
+    ``with atomic_open(...)`` / ``with atomic_path(...)`` block, counts as atomic.
     """
     parents: dict[ast.AST, ast.AST] = {}
     for func in ast.walk(tree):
@@ -59,8 +82,9 @@ def _writes(tree: ast.AST):
             for node in ast.walk(func):
                 parents[node] = func  # later (inner) functions overwrite outer ones: innermost wins
     renames = {func for func in set(parents.values()) if any(_is_rename(n) for n in ast.walk(func))}
+    atomic = _in_atomic_context(tree)
     for node in ast.walk(tree):
-        if parents.get(node) in renames:
+        if parents.get(node) in renames or node in atomic:
             continue
         if not isinstance(node, ast.Call):
             continue
@@ -98,7 +122,7 @@ def test_every_file_written_by_src_is_written_atomically():
                 continue
             offenders.append(f"{rel}:{line} {func}: {what}")
     assert not offenders, (
-        "files written in place (use agentattn._io.atomic_write_text/bytes, train.loop.atomic_torch_save or "
+        "files written in place (use agentattn.io.atomic_write_text/bytes, train.loop.atomic_torch_save or "
         "models._checkpoint.save_safetensors):\n  " + "\n  ".join(offenders)
     )
 
@@ -107,16 +131,15 @@ def test_every_file_written_by_src_is_written_atomically():
 
 
 class _FullDisk:
-    """``open`` for the module under test: writes to temp files fail with ENOSPC after ``budget`` bytes, once
-    ``fail_after`` temp files have been written completely."""
+    """``agentattn.io.atomic._fdopen`` (how the atomic writer opens its temp files): writes fail with ENOSPC after
+    ``budget`` bytes, once ``fail_after`` temp files have been written completely."""
 
     def __init__(self, fail_after: int, budget: int = 4096) -> None:
         self.fail_after, self.budget, self.opened = fail_after, budget, 0
+        self.real_fdopen = atomic_module._fdopen
 
-    def __call__(self, file, mode="r", *args, **kwargs):
-        f = open(file, mode, *args, **kwargs)
-        if "w" not in mode or ".tmp" not in str(file):
-            return f
+    def __call__(self, fd, mode):
+        f = self.real_fdopen(fd, mode)  # always a temp file of atomic_open
         self.opened += 1
         if self.opened <= self.fail_after:
             return f
@@ -137,7 +160,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["train", *TINY_CLI, "--output", out, "--batch-size", "16", "--train-subset", "64", "--eval-subset",
             "16", "--ckpt-every-steps", "1", "--max-steps", "3", "--threads", "1", "--no-progress"]  # fmt: skip
-    monkeypatch.setattr(train_loop, "open", _FullDisk(fail_after=1), raising=False)
+    monkeypatch.setattr(atomic_module, "_fdopen", _FullDisk(fail_after=1))
     with pytest.raises(CliFailed) as info:
         run_cli(args)
     err = info.value.stderr
@@ -176,11 +199,9 @@ def test_disk_full_during_convert_and_flops_json(tmp_path, monkeypatch):
     assert dst.read_bytes() == before and not list(tmp_path.glob(".out.safetensors.tmp-*"))
     monkeypatch.undo()
 
-    import agentattn._io as io_module
-
     report = tmp_path / "flops.json"
     report.write_text("[]")
-    monkeypatch.setattr(io_module, "open", _FullDisk(fail_after=0, budget=10), raising=False)
+    monkeypatch.setattr(atomic_module, "_fdopen", _FullDisk(fail_after=0, budget=10))
     with pytest.raises(CliFailed) as info:
         run_cli(["flops", "agent_deit_tiny_patch16_224", "--json", report])
     assert info.value.well_formed and "No space left on device" in info.value.stderr
@@ -196,9 +217,16 @@ TIMING = {"time_s", "img_per_s", "epoch_time_s"}
 
 
 def _command(out: Path) -> list[str]:
+    # A kill before the first checkpoint leaves logs without a checkpoint: the documented way on is --overwrite.
+    again = ["--resume"] if (out / "last.pth").exists() or not out.exists() else ["--overwrite"]
     return [PYTHON, "-m", "agentattn.cli.train", *TINY_CLI, "--output", str(out), "--epochs", "2",
             "--batch-size", "16", "--train-subset", "64", "--eval-subset", "16", "--seed", "5", "--deterministic",
-            "--ckpt-every-steps", "1", "--ema-decay", "0.9", "--mixup", "0.8", "--no-progress", "--resume"]  # fmt: skip
+            "--ckpt-every-steps", "1", "--ema-decay", "0.9", "--mixup", "0.8", "--no-progress", *again]  # fmt: skip
+
+
+def _in_write(out: Path, pid: int) -> bool:
+    """Whether process ``pid`` has a checkpoint temp file in ``out`` (``.last.pth.tmp-PID-RANDOM.pth``)."""
+    return any(out.glob(f".last.pth.tmp-{pid}-*"))
 
 
 def _steps(out: Path) -> list[dict]:
@@ -219,7 +247,6 @@ def test_sigkill_at_random_points_never_loses_state(tmp_path):
     last_step, lost = 0, 0
     for cycle, mode in enumerate(("during write", "random", "during write")):
         proc = subprocess.Popen(_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        tmp_name = f".last.pth.tmp-{proc.pid}"
         wait_saves = rng.randint(1, 3)  # let this many saves of this process start before acting
         seen, deadline = 0, time.monotonic() + 90
         while seen < wait_saves:
@@ -227,16 +254,16 @@ def test_sigkill_at_random_points_never_loses_state(tmp_path):
                 f"cycle {cycle}: the run ended before the kill: {proc.stderr.read()!r}"
             )
             assert time.monotonic() < deadline, "no checkpoint write within 90 s"
-            if (out / tmp_name).exists():
+            if _in_write(out, proc.pid):
                 seen += 1
                 if seen < wait_saves:
-                    while (out / tmp_name).exists() and proc.poll() is None:
+                    while _in_write(out, proc.pid) and proc.poll() is None:
                         time.sleep(0.005)
             time.sleep(0.005)
-        in_write = (out / tmp_name).exists()
+        in_write = _in_write(out, proc.pid)
         if mode == "random":
             time.sleep(rng.uniform(0.0, 0.4))
-            in_write = (out / tmp_name).exists()
+            in_write = _in_write(out, proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
@@ -258,7 +285,7 @@ def test_sigkill_at_random_points_never_loses_state(tmp_path):
 
     final = subprocess.run(_command(out), env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    assert not list(out.glob(".last.pth.tmp-*"))
+    assert not list(out.glob(".last.pth.tmp-*"))  # the killed writers' temp files went at the next start
     env.pop("AGENTATTN_TEST_SAVE_PAUSE_S")
     reference = subprocess.run(_command(straight), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr

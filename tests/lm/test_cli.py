@@ -132,3 +132,48 @@ def test_errors_are_one_line(argv, match, capsys):
 def test_sample_prompt_too_long(checkpoint, capsys):
     assert main(["lm", "sample", "--checkpoint", str(checkpoint), "--prompt", "x" * 33]) == 1
     assert "more than max_seq_len = 32" in capsys.readouterr().err
+
+
+def test_train_refuses_earlier_results_and_overwrite_replaces_them(textfile, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n' * 50)
+    (out / "notes.txt").write_text("mine")
+    argv = ["lm", "train", "--attn", "agent", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN,
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("agentattn lm: error: ") and err.count("\n") == 1
+    assert f"{out} already holds results of an earlier run (metrics.jsonl)" in err and "--out" in err
+    assert "--overwrite" in err and (out / "metrics.jsonl").read_text() == '{"step": 1}\n' * 50
+    assert main([*argv, "--overwrite"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_train_refuses_a_symlinked_log_and_leaves_its_target(textfile, tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("precious\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to(target)
+    argv = ["lm", "train", "--attn", "agent", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN,
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out / 'metrics.jsonl'} is a symlink" in err
+    assert target.read_text() == "precious\n"
+
+
+def test_compare_refuses_earlier_results(textfile, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    (out / "softmax").mkdir(parents=True)
+    (out / "softmax" / "model.safetensors").write_bytes(b"earlier weights")
+    rc = main(
+        ["lm", "compare", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN, "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1
+    assert f"{out} already holds results of an earlier run (softmax/model.safetensors)" in err
+    assert "--overwrite" in err and (out / "softmax" / "model.safetensors").read_bytes() == b"earlier weights"

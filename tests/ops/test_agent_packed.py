@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from agentattn.layers import AgentAttention
 from agentattn.layers import agent_attention as layer_module
 from agentattn.models.agent_swin import SwinAgentAttention
-from agentattn.ops import agent_attention
+from agentattn.ops import agent_attention, naive
 from agentattn.ops.agent_packed import agent_attention_packed, packed_path_applies
 from tests.conftest import assert_close_rel
 
@@ -33,8 +35,9 @@ def _inputs(batch, heads, channels, grid, agent_grid, prefix, dtype=torch.float3
     return qkv, bias1, bias2, weight, conv_bias
 
 
-def _reference(qkv, bias1, bias2, weight, conv_bias, heads, grid, agent_grid, prefix):
-    """The same computation as plain autograd ops: split, pool, head split, ``agent_attention`` (matmuls), DWC."""
+def _reference(qkv, bias1, bias2, weight, conv_bias, heads, grid, agent_grid, prefix, attention=None):
+    """The same computation as plain autograd ops: split, pool, head split, ``agent_attention`` (matmuls, or the
+    ``attention`` given), DWC."""
     channels = qkv.shape[-1] // 3
     q, k, v = qkv.split(channels, dim=-1)
     q_map = q[:, prefix:].unflatten(1, grid).permute(0, 3, 1, 2)
@@ -43,9 +46,10 @@ def _reference(qkv, bias1, bias2, weight, conv_bias, heads, grid, agent_grid, pr
     def heads_of(x):
         return x.unflatten(-1, (heads, channels // heads)).transpose(1, 2)
 
-    out = agent_attention(
-        heads_of(q), heads_of(k), heads_of(v), heads_of(agents),
-        agent_bias=bias1, query_bias=bias2, backend="matmul",
+    if attention is None:
+        attention = functools.partial(agent_attention, backend="matmul")
+    out = attention(
+        heads_of(q), heads_of(k), heads_of(v), heads_of(agents), agent_bias=bias1, query_bias=bias2,
     ).transpose(1, 2).flatten(2)  # fmt: skip
     v_map = v[:, prefix:].unflatten(1, grid).permute(0, 3, 1, 2)
     local = F.conv2d(v_map, weight, conv_bias, padding=weight.shape[-1] // 2, groups=channels)
@@ -92,6 +96,65 @@ def test_frozen_biases_no_conv_bias_and_a_5x5_kernel():
 def test_gradcheck_float64(case):
     _, heads, _, grid, agent_grid, prefix = case
     inputs = _inputs(*case, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *x: _packed(x, heads, grid, agent_grid, prefix), inputs)
+
+
+def _mask_rows(bias1, bias2, rows):
+    """Set rows of B1 (1, h, n, M) / B2 (1, h, N, n) to -inf in place: partial rows always, fully masked ones by
+    ``rows``. Returns the fully masked rows as bool (1, h, n) and (1, h, N)."""
+    inf = float("inf")
+    with torch.no_grad():
+        bias1[0, 0, 0, ::3] = -inf  # partial rows: ordinary softmaxes over their finite entries
+        bias2[0, 1, 5, 1:] = -inf
+        if rows in ("agent_bias", "both"):
+            bias1[0, 1, 4] = -inf
+            bias1[0, 0, -1] = -inf
+        if rows in ("query_bias", "both"):
+            bias2[0, 0, 0] = -inf  # the cls query of head 0: no DWC term, so a zero output slice
+            bias2[0, 1, 20] = -inf
+        if rows == "all":
+            bias1.fill_(-inf)
+            bias2.fill_(-inf)
+    return (bias1 == -inf).all(-1), (bias2 == -inf).all(-1)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("rows", ["agent_bias", "query_bias", "both", "all"])
+def test_fully_masked_bias_rows_match_the_naive_reference(rows, grad):
+    """A row of B1 or B2 at -inf everywhere attends to nothing, as in every path of ``agent_attention``: against
+    the naive op (outputs and every gradient), finite gradients, zero gradients on those rows."""
+    case = CASES[0]
+    _, heads, channels, grid, agent_grid, prefix = case
+    inputs = _inputs(*case)
+    dead1, dead2 = _mask_rows(inputs[1], inputs[2], rows)
+    with torch.set_grad_enabled(grad):
+        out = _packed(inputs, heads, grid, agent_grid, prefix)
+        ref = _reference(*inputs, heads, grid, agent_grid, prefix, attention=naive.agent_attention)
+    assert torch.isfinite(out).all()
+    assert_close_rel(out, ref, 1e-5, "out")
+    d = channels // heads
+    if rows != "agent_bias":  # the cls query's attention output in head 0 is zero, and it has no DWC term
+        assert torch.equal(out[:, 0, :d], torch.zeros_like(out[:, 0, :d]))
+    if not grad:
+        return
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g_out).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * g_out).sum(), inputs)
+    for name, got, want in zip(NAMES, grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all(), f"NaN/inf in grad {name}"
+        assert_close_rel(got, want, 1e-5, f"grad {name}", floor=ref.abs().max().item())
+    assert torch.equal(grads[1][dead1], torch.zeros_like(grads[1][dead1]))
+    assert torch.equal(grads[2][dead2], torch.zeros_like(grads[2][dead2]))
+
+
+def test_gradcheck_float64_with_fully_masked_rows():
+    case = (2, 2, 8, (4, 4), (2, 2), 1)
+    _, heads, _, grid, agent_grid, prefix = case
+    inputs = _inputs(*case, dtype=torch.float64)
+    with torch.no_grad():
+        inputs[1][0, 1, 2] = float("-inf")
+        inputs[2][0, 0, 3] = float("-inf")
+        inputs[2][0, 1, 4, 1:] = float("-inf")
     assert torch.autograd.gradcheck(lambda *x: _packed(x, heads, grid, agent_grid, prefix), inputs)
 
 

@@ -68,6 +68,76 @@ def run_cases(device: str) -> list[float]:
     return errors
 
 
+def run_masked_row_cases(device: str) -> int:
+    """Fully masked rows of B1 and B2 (-inf everywhere, or -inf on the keys that are not padded): zero rows there,
+    the float64 naive reference everywhere; several key slices, including partial rows with a whole slice at -inf.
+    Returns the number of cases run (raises on a mismatch)."""
+    g = torch.Generator().manual_seed(1)
+    b, h, n_q, n_k, n, d = 2, 2, 40, 150, 5, 16
+    inf = float("inf")
+    count = 0
+    for rows in ("agent", "query", "both", "all_agent", "all_query", "padding"):
+        for splits in (None, 3):
+            q, k, v, a = (torch.randn(b, h, size, d, generator=g) for size in (n_q, n_k, n_k, n))
+            b1 = torch.randn(b, h, n, n_k, generator=g)
+            b2 = torch.randn(1, h, n_q, n, generator=g)
+            b1[0, 1, 0, :64] = -inf  # partial rows: a whole key slice at -inf, and all agents but one
+            b2[0, 0, 3, 1:] = -inf
+            pad = None
+            if rows in ("agent", "both"):
+                b1[1, 0, 2] = -inf
+            if rows in ("query", "both"):
+                b2[0, 1, 7] = -inf
+            if rows == "all_agent":
+                b1[:] = -inf
+            if rows == "all_query":
+                b2[:] = -inf
+            if rows == "padding":  # -inf on the unpadded keys only
+                pad = torch.zeros(b, n_k, dtype=torch.bool)
+                pad[1, 100:] = True
+                b1[1, 1, 4, :100] = -inf
+            q, k, v, a, b1, b2 = (t.to(device) for t in (q, k, v, a, b1, b2))
+            pad = None if pad is None else pad.to(device)
+            if splits is None:
+                out = agent_attention(
+                    q, k, v, a, agent_bias=b1, query_bias=b2, key_padding_mask=pad, backend="triton"
+                )
+            else:
+                mask1 = b1 if pad is None else b1.masked_fill(pad[:, None, None, :], -inf)
+                out = triton_agent.agent_attention_triton(
+                    q, k, v, a, scale=d**-0.5, agent_bias=mask1, query_bias=b2, splits=splits
+                )
+            ref = naive.agent_attention(
+                q.double(), k.double(), v.double(), a.double(), agent_bias=b1.double(),
+                query_bias=b2.double(), key_padding_mask=pad,
+            )  # fmt: skip
+            assert torch.isfinite(out).all(), f"{rows}, splits {splits}: NaN/inf"
+            dead2 = (b2 == -inf).all(-1).expand(b, h, n_q)
+            assert torch.equal(out[dead2], torch.zeros_like(out[dead2])), f"{rows}: nonzero masked row"
+            scale = ref.abs().max().item() or 1.0  # all-zero reference (every row masked): absolute
+            err = (out.double() - ref).abs().max().item() / scale
+            assert err <= 1e-5, f"{rows}, splits {splits}: relative max error {err:.2e}"
+            count += 1
+    return count
+
+
+@needs_triton
+def test_fully_masked_rows_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    code = "from tests.ops.test_triton_agent import run_masked_row_cases; print(run_masked_row_cases('cpu'))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "12"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@needs_triton
+def test_fully_masked_rows_on_cuda():
+    assert run_masked_row_cases("cuda") == 12
+
+
 @needs_triton
 def test_fused_kernels_match_naive_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}

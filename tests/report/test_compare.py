@@ -10,7 +10,9 @@ import re
 import pytest
 
 from agentattn.cli import compare as compare_cli
-from agentattn.report.compare import TWINS, CompareConfig, _explain_indices
+from agentattn.io import RunDirectoryInUse, lock_run_directory
+from agentattn.report.compare import COMPARE_FILES, TWINS, CompareConfig, _explain_indices
+from agentattn.train.record_checks import prepare_output
 
 from ..train import TINY_KWARGS, TINY_MODEL, needs_fashion_mnist
 
@@ -73,7 +75,41 @@ def test_compare_refuses_to_overwrite_a_report(tiny_compare, capsys):
     _, out, _ = tiny_compare
     assert compare_cli.main(["--output", str(out), "--max-steps", "1"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"agentattn compare: error: {out} already holds a report: choose another --output"
+    assert err.startswith(
+        f"agentattn compare: error: {out} already holds results of an earlier run (report.md, report.html, "
+    )
+    assert err.endswith("choose another --output, or pass --overwrite to replace them") and "\n" not in err
+
+
+def test_compare_overwrite_removes_its_own_files_only(tmp_path):
+    out = tmp_path / "cmp"
+    own = ["report.md", "report.html", "results.json", "loss.png", "agents_test3.png", "agent/last.pth",
+           "agent/metrics.jsonl", "linear/metrics.csv"]  # fmt: skip
+    theirs = ["notes.md", "agent/notes.txt", "other/last.pth"]
+    for name in own + theirs:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    target = tmp_path / "precious.txt"
+    target.write_text("precious")
+    (out / "accuracy.png").symlink_to(target)
+    with lock_run_directory(out):
+        with pytest.raises(ValueError, match=r"already holds results .*--overwrite"):
+            prepare_output(out, COMPARE_FILES, overwrite=False)
+        assert all((out / name).exists() for name in own)
+        assert sorted(prepare_output(out, COMPARE_FILES, overwrite=True)) == sorted(own)
+    assert not any((out / name).exists() for name in own)
+    assert all((out / name).read_text() == "x" for name in theirs)
+    assert (out / "accuracy.png").is_symlink() and target.read_text() == "precious"
+
+
+def test_compare_refuses_a_twin_directory_in_use(tmp_path):
+    out = tmp_path / "cmp"
+    (out / "softmax").mkdir(parents=True)
+    with lock_run_directory(out / "softmax"), lock_run_directory(out):
+        with pytest.raises(
+            RunDirectoryInUse, match=rf"{out / 'softmax'} is in use by another run \(PID \d+\)"
+        ):
+            prepare_output(out, COMPARE_FILES, overwrite=True)
 
 
 def test_compare_rejects_bad_options(tmp_path, capsys):

@@ -99,7 +99,8 @@ def test_checkpoint_from_another_architecture(trained, tmp_path, capsys):
 @needs_fashion_mnist
 def test_existing_run_needs_resume(trained, capsys):
     assert train_cli.main([*TINY_CLI, "--train-subset", "64", "--output", str(trained)]) == 1
-    assert "last.pth exists: pass --resume" in _one_error_line(capsys, "train")
+    err = _one_error_line(capsys, "train")
+    assert "last.pth exists: pass --resume" in err and "another --output" in err and "--overwrite" in err
 
 
 def test_no_traceback_from_the_command_line(tmp_path):

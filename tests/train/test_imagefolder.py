@@ -55,6 +55,10 @@ def test_imagefolder_train_and_eval(tmp_path, capsys):
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1]["kind"] == "epoch" and epochs[-1]["global_step"] == 3
     capsys.readouterr()
-    assert eval_cli.main(["--checkpoint", str(out / "last.pth"), "--split", "val"]) == 0
+    # The checkpoint records the folder, but a path read from a file is never opened: eval asks for it.
+    assert eval_cli.main(["--checkpoint", str(out / "last.pth"), "--split", "val"]) == 1
+    assert "pass it with --data" in capsys.readouterr().err
+    folder = f"imagefolder:{tmp_path / 'images'}"
+    assert eval_cli.main(["--checkpoint", str(out / "last.pth"), "--split", "val", "--data", folder]) == 0
     text = capsys.readouterr().out
     assert "split val, 24 images" in text and "class2" in text

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_write_text
+from ..io import atomic_open, atomic_write_text
 from ..layers import AgentAttention, LinearAttention
 from ..ops import agent_attention
 from ..report.memory import peak_kib, reset_peak_kib
@@ -515,10 +515,9 @@ def plot(result: dict, path: str | Path) -> None:
         f"{result['config']['label']} — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
     )
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_json(obj: dict, path: str | Path) -> None:

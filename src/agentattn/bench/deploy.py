@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_text
 from ..deploy.export import example_input, export_onnx, export_program, load_model
 from ..deploy.quantize import OnnxModel, quantize_onnx_int8
+from ..io import atomic_write_text
 from .attention import environment
 from .timing import median_ms
 

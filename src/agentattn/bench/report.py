@@ -29,6 +29,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..io import atomic_write_text
 from . import attention as attention_bench
 from . import model as model_bench
 
@@ -55,8 +56,6 @@ def write_section(
     figures: list[str] | None = None,
 ) -> None:
     """Write one section JSON (the schema above) atomically; ``bench report`` renders it into BENCHMARKS.md."""
-    from .._io import atomic_write_text
-
     section = {"kind": "section", "title": title, "command": command, "environment": environment or {},
                "markdown": markdown, "goals": goals or [], "figures": figures or []}  # fmt: skip
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -352,9 +351,7 @@ def run(args: argparse.Namespace) -> int:
     except (json.JSONDecodeError, KeyError) as e:
         print(f"error: cannot read a benchmark JSON: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    tmp = args.output.with_suffix(args.output.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.output)
+    atomic_write_text(args.output, text)
     print(f"wrote {args.output}")
     return 0
 

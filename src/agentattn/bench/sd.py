@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..io import atomic_open, atomic_write_text
+
 # diffusers UNet2DConditionModel configs of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), the fields that differ from the defaults.
 SD15_UNET_CONFIG: dict[str, Any] = {
@@ -317,10 +319,9 @@ def plot(rows: list[Row], path: str) -> bool:
             ax.legend()
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -435,18 +436,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(
-                {
-                    "environment": env,
-                    "args": vars(args) | {"handler": None},
-                    "rows": [asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
-        os.replace(tmp, args.json)
+        payload = {
+            "environment": env,
+            "args": vars(args) | {"handler": None},
+            "rows": [asdict(r) for r in rows],
+        }
+        atomic_write_text(args.json, json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     if args.plot:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)

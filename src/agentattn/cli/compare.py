@@ -1,7 +1,8 @@
 """``agentattn compare``: train the agent, softmax and linear twins on Fashion-MNIST; write a report.
 
 This is what ``make run`` runs. The default budget (5 epochs per twin) finishes in about a quarter of an hour
-on 2 CPU cores; ``--epochs E`` or ``--full`` (30 epochs) run longer. Bad input ends with one
+on 2 CPU cores; ``--epochs E`` or ``--full`` (30 epochs) run longer. The output directory belongs to one live
+run; an earlier comparison's results in it are only replaced with ``--overwrite``. Bad input ends with one
 ``agentattn compare: error: ...`` line and exit code 1.
 """
 
@@ -19,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = CompareConfig()
     add = parser.add_argument
     add("--output", default=None, help="report directory (default runs/<timestamp>)")
+    add("--overwrite", action="store_true", help="replace the results of an earlier comparison in OUTPUT")
     add("--data", default=defaults.data, help="fashion-mnist (default) or fashion-mnist:DIR")
     add("--model", default=defaults.model, help="a model with a per-stage attn_type (default %(default)s)")
     add(
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             explain_images=args.explain_images,
             progress=args.progress,
+            overwrite=args.overwrite,
         )
         results, output = compare(config)
     except (ValueError, OSError, RuntimeError) as err:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..models._checkpoint import load_checkpoint, save_safetensors
+from ..models._checkpoint import check_views_within_storages, load_checkpoint, save_safetensors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         if dst.suffix != ".safetensors":
             raise ValueError(f"the output {dst} should end in .safetensors")
         state = load_checkpoint(src, use_ema=bool(getattr(args, "ema", False)))
+        check_views_within_storages(state)  # the output holds no more bytes than the input's storages
         metadata = {"format": "pt", "source": src.name, "ema": str(bool(getattr(args, "ema", False))).lower()}
         save_safetensors(state, dst, metadata=metadata)
     except (ValueError, OSError) as err:

@@ -1,12 +1,13 @@
 """``agentattn dense train|eval|compare``: detection and segmentation with agent-attention backbones.
 
 agentattn dense train [--task det|seg] [--kind maskrcnn] [--backbone agent_pvt_tiny_224] [--data synthetic]
-                      [--epochs 3] [--output runs/dense] [...]
+                      [--epochs 3] [--output runs/dense] [--overwrite] [...]
 agentattn dense eval --checkpoint runs/dense/model.pth [--data SRC]
 agentattn dense compare [--kind maskrcnn] [--backbone agent_pvt_tiny_224] [--twin-attn-type BBBB] [--json F]
 
 The default ``train`` is the synthetic acceptance run: Mask R-CNN on Agent-PVT-T, shapes on textures at 128²,
-min_size = max_size = 128, COCO box/mask AP on the fixed validation split. Bad input ends with one
+min_size = max_size = 128, COCO box/mask AP on the fixed validation split. The output directory belongs to one
+live run, and an earlier run's results in it are only replaced with ``--overwrite``. Bad input ends with one
 ``agentattn dense: error: ...`` line and exit code 1.
 """
 
@@ -18,7 +19,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text, quote
 from .train import parse_model_kwargs
 
 
@@ -81,11 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--num-workers", type=int, default=S)
     add("--device", default=S, help="auto, cpu or cuda")
     add("--output", default=S, help="run directory (default runs/dense)")
+    add("--overwrite", action="store_true", default=S, help="replace the results of an earlier run in OUTPUT")
     add("--no-progress", dest="progress", action="store_false", default=S)
 
     ev = sub.add_parser("eval", help="evaluate a model.pth written by dense train")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--data", default=None, help="default: the training run's")
+    ev.add_argument("--data", default=None, help="default: synthetic, if the run trained on it")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", default=None, help="also write the metrics to this file")
@@ -125,6 +127,11 @@ def _eval(args: argparse.Namespace) -> int:
     from ..dense.engine import _device, evaluate_detection, evaluate_segmentation, load_dense_checkpoint
 
     config, model, ckpt = load_dense_checkpoint(args.checkpoint)
+    if args.data is None and config.data != "synthetic":
+        raise ValueError(
+            f"{args.checkpoint} was trained on {quote(config.data)}: pass that data with --data (a path read "
+            "from a file is never opened)"
+        )
     data = build_dense_data(
         args.data or config.data, config.task, config.img_size, config.num_train, config.num_val, config.seed
     )

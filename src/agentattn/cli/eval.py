@@ -8,6 +8,7 @@ model kwargs and data; any other state dict (``.pth`` or ``.safetensors``) needs
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text, quote
+from ..models.record import check_model_fits_weights
 from ..train.data import build_data
 from ..train.loop import _resolve_device, build_model, evaluate
 from ..train.restore import load_weights, read_checkpoint
@@ -60,13 +62,18 @@ def run(args: argparse.Namespace) -> int:
         state, meta = read_checkpoint(path, args.ema)
         name = meta.get("model_name")
         if args.model and name and args.model != name:
-            raise ValueError(f"{path} is a checkpoint of {name!r}, not {args.model!r}: drop --model")
+            raise ValueError(f"{path} is a checkpoint of {quote(name)}, not {args.model!r}: drop --model")
         name = name or args.model
         if not name:
             raise ValueError(f"{path} does not record its model: pass --model NAME (and --model-kwargs)")
         kwargs = dict(meta.get("model_kwargs") or {})
         kwargs.update(parse_model_kwargs(args.model_kwargs))
-        data_spec = args.data or meta.get("config", {}).get("data", "fashion-mnist")
+        if not args.data and meta.get("data_named"):
+            raise ValueError(
+                f"{path} was trained on {meta['data_named']}: pass it with --data (a path read from a checkpoint "
+                "is never opened)"
+            )
+        data_spec = args.data or meta.get("data") or "fashion-mnist"
         data = build_data(
             data_spec,
             img_size=args.img_size or meta.get("img_size"),
@@ -80,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
                 f"{path} was trained for {meta['num_classes']} classes / {meta['in_chans']} channels, but "
                 f"--data {data_spec} has {data.num_classes} / {data.in_chans}: pass the data it was trained on"
             )
-        model = build_model(name, data.num_classes, data.in_chans, data.img_size, kwargs)
+        build = functools.partial(build_model, name, data.num_classes, data.in_chans, data.img_size, kwargs)
+        if meta:
+            check_model_fits_weights(
+                build, state, str(path)
+            )  # before allocating a model the file may inflate
+        model = build()
         load_weights(model, state, path, name)
         device = _resolve_device(args.device, 0)
         loader = DataLoader(data.eval, batch_size=args.batch_size)

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write_text
 from ..deploy.export import (
     DEFAULT_OPSET,
     check_runs,
@@ -40,6 +39,7 @@ from ..deploy.export import (
     load_model,
 )
 from ..deploy.quantize import OnnxModel, quantize_onnx_int8, to_bf16
+from ..io import atomic_write_text
 from .train import parse_model_kwargs
 
 FORMATS = ("onnx", "torch-export")

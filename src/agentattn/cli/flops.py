@@ -8,7 +8,7 @@ import sys
 
 import timm
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 from ..models._flops import count_flops, count_params
 
 

@@ -1,12 +1,13 @@
 """``agentattn lm {train,eval,sample,compare,bench}``: byte-level language modelling with causal agent attention.
 
-agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--out DIR]
+agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--out DIR] [--overwrite]
 agentattn lm eval --checkpoint DIR/model.safetensors [--split val|test]
 agentattn lm sample --checkpoint FILE --prompt TEXT [--max-new-tokens N] [--temperature T]
-agentattn lm compare [--data ...] [--out runs/<timestamp>]   (the three twins on one budget, report.md)
+agentattn lm compare [--data ...] [--out runs/<timestamp>] [--overwrite]   (the three twins, report.md)
 agentattn lm bench [--json FILE]                             (speed figures: layer forward, decode, state size)
 
-Bad input ends with one ``agentattn lm: error: ...`` line and exit code 1.
+A run directory (``--out``) belongs to one live run; an earlier run's results in it are only replaced with
+``--overwrite``. Bad input ends with one ``agentattn lm: error: ...`` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_args(p, {})
     _add_train_args(p, {})
     p.add_argument("--out", default=None, help="run directory (default runs/lm/<attn>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
 
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
     p.add_argument("--checkpoint", required=True)
@@ -104,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_args(p, COMPARE_MODEL)
     _add_train_args(p, COMPARE_TRAIN)
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
     p.add_argument("--speed-contexts", type=int, nargs="*", default=COMPARE_SPEED_CONTEXTS)
     p.add_argument("--speed-budget-s", type=float, default=0.5, help="timing budget per speed point")
     p.add_argument(
@@ -171,7 +174,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _log(
         f"{args.attn}: {model.num_params():,} params, data {args.data} ({corpus.train.numel():,} train bytes)"
     )
-    result = train_lm(model, corpus, train_cfg, out, _log)
+    result = train_lm(model, corpus, train_cfg, out, _log, overwrite=args.overwrite)
     print(f"val bpb {result['val_bpb']:.4f}  checkpoint {out / 'model.safetensors'}")
     return 0
 
@@ -228,6 +231,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         command=command,
         speed_budget_s=args.speed_budget_s,
         time_budget_s=args.time_budget_min * 60 or None,
+        overwrite=args.overwrite,
     )
     for t, bpb in summary["val_bpb"].items():
         print(f"{t:8s} val bpb {bpb:.4f}")
@@ -251,7 +255,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"crossover: layer forward T ~ {result['crossover_context_layer_forward']}, "
           f"decode context ~ {result['crossover_context_decode']}")  # fmt: skip
     if args.json:
-        from .._io import atomic_write_text
+        from ..io import atomic_write_text
 
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..io import atomic_open, atomic_write_text
 
 PROG = "agentattn sd"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,9 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _save_png(image: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        image.save(f, format="PNG")
 
 
 def _generate(
@@ -191,8 +191,6 @@ def run(args: argparse.Namespace) -> int:
         "images": records,
         **summary,
     }
-    tmp = out_dir / "timings.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out_dir / "timings.json")
+    atomic_write_text(out_dir / "timings.json", json.dumps(report, indent=1))
     print(f"wrote {out_dir / 'timings.json'}")
     return 0

@@ -1,8 +1,11 @@
-"""``agentattn train --data SRC --model NAME --epochs E --output DIR [--resume] [...]``.
+"""``agentattn train --data SRC --model NAME --epochs E --output DIR [--resume] [--overwrite] [...]``.
 
 Options left out take the preset's value (``--preset imagenet-agent``, the paper's ImageNet recipe), else the
 :class:`~agentattn.train.loop.TrainConfig` default. Under ``torchrun --nproc_per_node=K -m agentattn train``
 the run is data-parallel (DDP). Bad input ends with one ``agentattn train: error: ...`` line and exit code 1.
+
+OUTPUT belongs to one live run: a second run into it stops at once. A directory holding an earlier run's results
+is continued with ``--resume`` (from its last.pth), or replaced with ``--overwrite``; otherwise the run refuses.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from pathlib import Path
 from typing import Any
 
-from ..train.loop import PRESETS, TrainConfig, train
+from ..train.loop import CHECKPOINT_NAME, PRESETS, TrainConfig, train
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -42,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, default=S)
     add("--output", default=S, help="run directory (metrics, last.pth); default runs/train")
     add("--resume", action="store_true", default=S, help="continue from OUTPUT/last.pth")
+    add(
+        "--overwrite",
+        action="store_true",
+        default=S,
+        help="replace the results of an earlier run in OUTPUT (with --resume: only if it has no last.pth)",
+    )
     add("--preset", choices=sorted(PRESETS), default=S, help="imagenet-agent: the paper's recipe (spec §7.1)")
     add("--batch-size", type=int, default=S, help="per process")
     add("--lr", type=float, default=S)
@@ -100,6 +110,7 @@ def _one_line(err: BaseException) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train; return 0, or 1 with one line on stderr for bad input."""
+    config = None
     try:
         config = build_config(args)
         train(config)
@@ -107,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"agentattn train: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("agentattn train: interrupted (continue with --resume)", file=sys.stderr)
+        saved = config is not None and (Path(config.output) / CHECKPOINT_NAME).is_file()
+        how = "continue with --resume" if saved else "no checkpoint yet: start again with --overwrite"
+        print(f"agentattn train: interrupted ({how})", file=sys.stderr)
         return 130
     return 0
 

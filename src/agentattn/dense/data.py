@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .._io import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 __all__ = [
     "SYNTHETIC_CLASSES",

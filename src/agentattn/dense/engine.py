@@ -5,18 +5,22 @@
     compare: params, FLOPs (one multiply-add = one FLOP) and CPU/GPU latency of a detector with the agent
              backbone and with its softmax twin
 
-Files in ``output``: ``metrics.jsonl`` (step and eval lines), ``final.json`` (config + final metrics) and
-``model.pth`` (plain containers and tensors: config, weights, metrics), all written atomically.
+Files in ``output``: ``metrics.jsonl`` (step and eval lines, appended through :func:`agentattn.io.open_log`,
+which never writes through a symlink), ``final.json`` (config + final metrics) and ``model.pth`` (plain
+containers and tensors: config, weights, metrics), both written atomically. A run holds ``output`` for its whole
+life (a second run into it stops at once) and refuses to start over an earlier run's results unless
+``overwrite``, which removes those three files (nothing else).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text, lock_run_directory, open_log
 from ..models._checkpoint import safe_torch_load
 from ..train.loop import atomic_torch_save
+from ..train.record_checks import (
+    check_architecture_kwargs,
+    check_bool,
+    check_dataclass_values,
+    check_int,
+    get_field,
+    load_state_dict_checked,
+    prepare_output,
+)
 from .data import IGNORE_INDEX, DenseData, build_dense_data, collate_detection, to_coco_dict
 from .detection import DETECTOR_KINDS, build_detector
 from .segmentation import SEGMENTER_KINDS, build_segmenter
@@ -45,6 +58,9 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "agentattn-dense-v1"
+# The files a run writes into its output directory: what --overwrite removes, and nothing else.
+RUN_FILES = ("metrics.jsonl", "final.json", "model.pth")
+MAX_CLASSES = 100_000
 
 # Light heads for the ≤256 px synthetic task (the backbone is unchanged): small anchors, narrow FPN and heads,
 # fewer proposals. Real data (coco:PATH) uses torchvision's defaults and 800/1333.
@@ -92,6 +108,7 @@ class DenseConfig:
     num_workers: int = 0
     device: str = "auto"
     output: str = "runs/dense"
+    overwrite: bool = False  # replace an earlier run's results in output
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -288,12 +305,24 @@ def _lr_factor(step: int, total: int, warmup: int, progress: float | None = None
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
+    with open_log(path) as f:  # refuses a symlink
         f.write(json.dumps(record) + "\n")
 
 
 def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str, Any]:
-    """Train, evaluate on the validation split, write the run files; returns the final metrics dict."""
+    """Train, evaluate on the validation split, write the run files; returns the final metrics dict.
+
+    Raises:
+        ValueError: bad options or data, or ``output`` holds an earlier run's results (and not ``overwrite``).
+        RunDirectoryInUse: another live run holds ``output`` (an ``OSError``).
+    """
+    out_dir = Path(config.output)
+    with lock_run_directory(out_dir):  # for the run's whole life; removes temp files of dead writers
+        prepare_output(out_dir, RUN_FILES, config.overwrite)
+        return _train_dense(config, data, out_dir)
+
+
+def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -302,10 +331,8 @@ def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str,
         config.data, config.task, config.img_size, config.num_train, config.num_val, config.seed
     )
     model = build_dense_model(config, data.num_classes, data.synthetic).to(device)
-    out_dir = Path(config.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir / "metrics.jsonl"
-    log.write_text("")  # not-atomic: starts the run's append-only log
+    open_log(log, truncate=True).close()  # starts the run's append-only log (a symlink is refused)
 
     params_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     params_other = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
@@ -384,7 +411,15 @@ def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str,
 
 
 def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dict[str, Any]]:
-    """(config, model with the weights, checkpoint dict) from a ``model.pth`` written by :func:`train_dense`."""
+    """(config, model with the weights, checkpoint dict) from a ``model.pth`` written by :func:`train_dense`.
+
+    Every field is checked before it is used; no path or weight source it names is opened (the model is built
+    without its ``pretrained_backbone``: the file holds the weights).
+
+    Raises:
+        ValueError: a missing or unreadable file, one that :func:`train_dense` did not write, or a field of the
+            wrong type or value (the message names the file and the field).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
@@ -393,10 +428,25 @@ def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dic
         raise ValueError(
             f"{path}: not a checkpoint written by `agentattn dense train` (no {CHECKPOINT_FORMAT!r} tag)"
         )
-    known = {f.name for f in fields(DenseConfig)}
-    config = DenseConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    model = build_dense_model(config, int(ckpt["num_classes"]), bool(ckpt["synthetic"]))
-    model.load_state_dict(ckpt["model"])
+    values = check_dataclass_values(path, "config", get_field(path, ckpt, "config"), DenseConfig)
+    for key in ("backbone_kwargs", "detector_kwargs"):
+        if key in values:
+            check_architecture_kwargs(path, f"config.{key}", values[key])
+    try:
+        config = DenseConfig(**values)
+    except ValueError as err:
+        raise ValueError(f"{path}: field config: {' '.join(str(err).split())}") from err
+    num_classes = check_int(path, "num_classes", get_field(path, ckpt, "num_classes"), 1, MAX_CLASSES)
+    synthetic = check_bool(path, "synthetic", get_field(path, ckpt, "synthetic"))
+    state = get_field(path, ckpt, "model")
+    try:  # the weights come from this file: a backbone checkpoint it names is never opened
+        model = build_dense_model(
+            dataclasses.replace(config, pretrained_backbone=None), num_classes, synthetic
+        )
+    except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError, AssertionError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"{path}: field config describes no model that can be built ({reason})") from err
+    load_state_dict_checked(path, "model", model, state)
     return config, model, ckpt
 
 

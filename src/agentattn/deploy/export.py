@@ -25,10 +25,12 @@ import timm
 import torch
 from torch import nn
 
-from .._io import atomic_path
+from ..io import atomic_path, quote
 from ..layers.agent_attention import AgentAttentionBase
-from ..models._checkpoint import load_checkpoint, load_pretrained, safe_torch_load
-from ..train.loop import CHECKPOINT_FORMAT, _check_model_name
+from ..models._checkpoint import load_pretrained
+from ..models.record import check_model_fits_weights
+from ..train.loop import _check_model_name
+from ..train.restore import read_checkpoint
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -62,20 +64,6 @@ class ModelSpec:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading.
-
-
-def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, training metadata) of ``path``; the metadata is empty for official/foreign files."""
-    if not path.is_file():
-        raise ValueError(f"--checkpoint {path}: no such file")
-    if path.suffix != ".safetensors":
-        obj = safe_torch_load(path)
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            state = obj.get("state_dict_ema") if use_ema else obj.get("model")
-            if state is None:
-                raise ValueError(f"--checkpoint {path}: the run kept no EMA weights; drop --ema")
-            return state, obj
-    return load_checkpoint(path, use_ema=use_ema), {}
 
 
 def _one_line(err: BaseException) -> str:
@@ -144,26 +132,34 @@ def load_model(
     meta: dict[str, Any] = {}
     path = None if checkpoint is None else Path(checkpoint)
     if path is not None:
-        state, meta = _read_checkpoint(path, use_ema)
+        state, meta = read_checkpoint(path, use_ema)
     if meta:
-        if meta.get("model_name") != name:
+        if meta["model_name"] != name:
             raise ValueError(
-                f"--checkpoint {path} is a checkpoint of {meta.get('model_name')!r}, not {name!r}"
+                f"--checkpoint {path} is a checkpoint of {quote(meta['model_name'])}, not {name!r}"
             )
-        kwargs = {**(meta.get("model_kwargs") or {}), **kwargs}
-        trained = (int(meta["num_classes"]), int(meta["in_chans"]))
+        kwargs = {**meta["model_kwargs"], **kwargs}
+        trained = (meta["num_classes"], meta["in_chans"])
         given = (num_classes or trained[0], in_chans or trained[1])
         if given != trained:
             raise ValueError(
                 f"--checkpoint {path} was trained for {trained[0]} classes / {trained[1]} channels, not {given}"
             )
         num_classes, in_chans = trained
-        build_size = int(meta["img_size"])
+        build_size = meta["img_size"]
     else:
-        if state is not None and num_classes is None and "head.weight" in state:
+        if (
+            state is not None
+            and num_classes is None
+            and "head.weight" in state
+            and state["head.weight"].dim()
+        ):
             num_classes = int(state["head.weight"].shape[0])
         build_size = img_size
-    model = _create(name, num_classes or 1000, in_chans or 3, build_size, kwargs)
+    args = (name, num_classes or 1000, in_chans or 3, build_size, kwargs)
+    if meta:  # the file's fields may describe a model far larger than its weights
+        check_model_fits_weights(lambda: _create(*args), state, f"--checkpoint {path}")
+    model = _create(*args)
     if path is not None and state is not None:
         try:
             if meta:
@@ -187,7 +183,7 @@ def load_model(
         img_size=img_size or build_size or int(kwargs.get("img_size", cfg_size)),
         model_kwargs={k: v for k, v in kwargs.items() if k != "img_size"},
         checkpoint=None if path is None else str(path),
-        data=(meta.get("config") or {}).get("data") if meta else None,
+        data=meta.get("data"),
     )
     return model, spec
 
@@ -291,7 +287,7 @@ def export_program(
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """:func:`agentattn._io.atomic_path` with the export checks: a temp path that replaces ``path`` on success.
+    """:func:`agentattn.io.atomic_path` with the export checks: a temp path that replaces ``path`` on success.
 
     Raises:
         ValueError: the directory of ``path`` does not exist, or ``path`` is a directory.

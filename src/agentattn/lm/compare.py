@@ -3,7 +3,9 @@
 Each twin gets the same data order (seed), the same number of training tokens and the same architecture except
 for the attention mixer; parameter counts must agree within 2 %. The run directory gets ``report.md``,
 ``results.json``, ``loss_curves.png``, ``speed_vs_context.png`` and one sub-directory per twin (metrics.jsonl,
-model.safetensors).
+model.safetensors, result.json). The run holds the directory for its whole life (each twin's run its own
+sub-directory) and refuses to start over an earlier comparison's results unless ``overwrite``, which removes
+those files (nothing else).
 """
 
 from __future__ import annotations
@@ -19,13 +21,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text, lock_run_directory
+from ..train.record_checks import prepare_output
 from .bench import crossover, layer_forward
 from .data import ByteCorpus, random_batch
 from .model import ATTN_TYPES, AgentLM, AgentLMConfig
-from .train import LMTrainConfig, train_lm
+from .train import RUN_FILES, LMTrainConfig, train_lm
 
 PARAM_TOLERANCE = 0.02
+# The files a comparison writes: what overwrite removes, and nothing else (the twins' runs for every attention).
+COMPARE_FILES = (
+    "results.json",
+    "report.md",
+    "loss_curves.png",
+    "speed_vs_context.png",
+    *(f"{t}/{name}" for t in ATTN_TYPES for name in RUN_FILES),
+)
 
 
 def _plot_losses(results: dict[str, dict[str, Any]], path: Path) -> bool:
@@ -150,14 +161,37 @@ def run_compare(
     command: str = "",
     speed_budget_s: float = 0.5,
     time_budget_s: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train every twin, evaluate, time, and write the report. Returns the results dict.
 
     With ``time_budget_s``, the step count (the same for every twin) is capped so that the whole run fits:
     see :func:`_steps_for_budget`.
+
+    Raises:
+        ValueError: bad input, or ``out_dir`` holds an earlier comparison's results (and not ``overwrite``).
+        RunDirectoryInUse: another live run holds ``out_dir`` or a twin's sub-directory (an ``OSError``).
     """
+    out_dir = Path(out_dir)
+    with lock_run_directory(out_dir):  # for the run's whole life
+        prepare_output(out_dir, COMPARE_FILES, overwrite, "--out")
+        return _run_compare(corpus, model_cfg, train_cfg, out_dir, speed_contexts, attn_types, log, command,
+                            speed_budget_s, time_budget_s)  # fmt: skip
+
+
+def _run_compare(
+    corpus: ByteCorpus,
+    model_cfg: dict[str, Any],
+    train_cfg: LMTrainConfig,
+    out_dir: Path,
+    speed_contexts: list[int],
+    attn_types: tuple[str, ...],
+    log: Callable[[str], None],
+    command: str,
+    speed_budget_s: float,
+    time_budget_s: float | None,
+) -> dict[str, Any]:
     start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     configs = {t: AgentLMConfig(attn_type=t, **model_cfg) for t in attn_types}
     params = {t: AgentLM(c).num_params() for t, c in configs.items()}
     parity = check_param_parity(params) if "softmax" in params else 0.0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_write_bytes
+
 KJV_COMMAND = ["bible", "-l0", "gen1:1-rev22:21"]
 SPLITS = ("train", "val", "test")
 
@@ -24,17 +26,6 @@ SPLITS = ("train", "val", "test")
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "agentattn"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def extract_kjv(cache_dir: str | Path | None = None) -> bytes:
@@ -55,7 +46,8 @@ def extract_kjv(cache_dir: str | Path | None = None) -> bytes:
         raise OSError(f"`{' '.join(KJV_COMMAND)}` failed: {err}") from None
     if not proc.stdout:
         raise OSError(f"`{' '.join(KJV_COMMAND)}` printed nothing")
-    _atomic_write_bytes(path, proc.stdout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, proc.stdout)
     return proc.stdout
 
 

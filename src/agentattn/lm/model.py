@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import quote
 from ..ops.causal_agent import (
     CausalAgentState,
     _causal_agent_step,
@@ -311,7 +312,7 @@ class AgentLM(nn.Module):
         super().__init__()
         self.config = cfg
         init_seed = int(
-            torch.randint(0, 2**62, (1,)).item()
+            torch.randint(0, 2**62, (1,), device="cpu").item()
         )  # drawn first: shared weights match across twins
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -332,8 +333,10 @@ class AgentLM(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.config.n_layers)
             else:
                 continue
+            if p.is_meta:  # a meta-device build (size checks) has no values to draw
+                continue
             with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -470,6 +473,27 @@ class AgentLM(nn.Module):
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
         if meta.get("format") != "agentattn.lm" or "config" not in meta:
             raise ValueError(f"{path} is not an agentattn LM checkpoint (no 'config' metadata)")
-        model = cls(AgentLMConfig.from_dict(json.loads(meta["config"])))
-        model.load_state_dict(state, strict=True)
+        from ..models.record import check_json_like, check_model_fits_weights
+
+        try:
+            values = json.loads(meta["config"])
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{path}: its 'config' metadata is not JSON ({quote(str(err), 120)})") from None
+        if type(values) is not dict:
+            raise ValueError(f"{path}: its 'config' metadata is a {type(values).__name__}, not a JSON object")
+        check_json_like(values, f"{path}: config")
+        try:
+            config = AgentLMConfig.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path}: its 'config' metadata is not a valid AgentLMConfig ({quote(str(err))})"
+            ) from None
+        # The config may describe a model far larger than the file's weights: check on the meta device first.
+        check_model_fits_weights(lambda: cls(config), state, str(path))
+        model = cls(config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+            raise ValueError(f"{path}: the weights do not fit its config ({quote(detail)})") from None
         return model.to(map_location)

@@ -2,10 +2,15 @@
 
 AdamW, linear warm-up then cosine decay to 10 %, gradient clipping at 1.0, random windows of the train split.
 The token budget is ``steps × batch_size × seq_len``, the same for every twin of a comparison.
+
+A run with an output directory holds it for its whole life (a second run into it stops at once), refuses to
+start over an earlier run's results unless ``overwrite`` (which removes that run's own files, nothing else), and
+appends ``metrics.jsonl`` through :func:`agentattn.io.open_log`, which never writes through a symlink.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,11 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text, lock_run_directory, open_log
+from ..train.record_checks import prepare_output
 from .data import ByteCorpus, eval_windows, random_batch
 from .model import AgentLM
 
 LN2 = math.log(2.0)
+# The files a run writes into its output directory: what overwrite removes, and nothing else.
+RUN_FILES = ("metrics.jsonl", "model.safetensors", "result.json")
 
 
 @dataclass
@@ -94,9 +102,30 @@ def train_lm(
     cfg: LMTrainConfig,
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train ``model`` in place; return the history and final val bpb. Writes ``metrics.jsonl`` and
-    ``model.safetensors`` under ``out_dir`` when given."""
+    """Train ``model`` in place; return the history and final val bpb. Writes ``metrics.jsonl``,
+    ``model.safetensors`` and ``result.json`` under ``out_dir`` when given.
+
+    Raises:
+        ValueError: bad input, or ``out_dir`` holds an earlier run's results (and not ``overwrite``).
+        RunDirectoryInUse: another live run holds ``out_dir`` (an ``OSError``).
+    """
+    with contextlib.ExitStack() as stack:
+        out = Path(out_dir) if out_dir is not None else None
+        if out is not None:
+            stack.enter_context(lock_run_directory(out))  # for the run's whole life
+            prepare_output(out, RUN_FILES, overwrite, "--out")
+        return _train_lm(model, corpus, cfg, out, log)
+
+
+def _train_lm(
+    model: AgentLM,
+    corpus: ByteCorpus,
+    cfg: LMTrainConfig,
+    out: Path | None,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(model.parameters()).device
@@ -108,12 +137,10 @@ def train_lm(
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-    out = Path(out_dir) if out_dir is not None else None
     metrics_file = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        # An append-only log, closed in the finally below.
-        metrics_file = open(out / "metrics.jsonl", "w")  # not-atomic: a log
+        # An append-only log (a symlink is refused), closed in the finally below.
+        metrics_file = open_log(out / "metrics.jsonl", truncate=True)
 
     history: list[dict[str, float]] = []
     model.train()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import os
 import pickle
 import struct
@@ -30,9 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import atomic_path, quote
+
 __all__ = [
     "PickledObject",
     "UnsafeCheckpointError",
+    "check_views_within_storages",
     "load_checkpoint",
     "load_pretrained",
     "resize_agent_bias_tables",
@@ -114,14 +118,44 @@ def _new_placeholder(cls: type[PickledObject], args: tuple) -> PickledObject:
 # Storages and the allow-listed rebuild functions (our own code, not torch's: nothing from the file is called).
 
 
+# Views may overlap (``expand``ed buffers are saved with stride 0), but a copy of them must not turn a small
+# file into a huge tensor: the bytes that views hold beyond their storages are capped per file.
+MAX_VIEW_EXCESS_BYTES = 16 * 2**20
+
+
+class _ViewBudget:
+    def __init__(self) -> None:
+        self.excess = 0
+
+    def charge(self, extra: int) -> None:
+        if extra > 0:
+            self.excess += extra
+            if self.excess > MAX_VIEW_EXCESS_BYTES:
+                raise ValueError(
+                    f"tensors are views that repeat their storages' bytes ({self.excess:,} bytes beyond what the "
+                    f"storages hold; at most {MAX_VIEW_EXCESS_BYTES:,} is allowed)"
+                )
+
+
 class _Storage:
     """Raw bytes of one saved storage with the dtype its type names (uint8 for ``UntypedStorage``)."""
 
-    def __init__(self, raw: torch.Tensor, dtype: torch.dtype, swap_bytes: bool = False) -> None:
+    def __init__(
+        self,
+        raw: torch.Tensor,
+        dtype: torch.dtype,
+        swap_bytes: bool = False,
+        budget: _ViewBudget | None = None,
+    ) -> None:
         self.raw = raw  # 1-D uint8
         self.dtype = dtype
         self.swap_bytes = swap_bytes
+        self.budget = budget if budget is not None else _ViewBudget()
         self._views: dict[torch.dtype, torch.Tensor] = {}
+
+    def charge_view(self, nbytes: int) -> None:
+        """Count a view's bytes beyond its storage's (stride-0 or overlapping views) against the file's budget."""
+        self.budget.charge(nbytes - self.raw.numel())
 
     def typed(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._views:
@@ -176,7 +210,10 @@ def _rebuild(
     if all(size):
         extent = int(offset) + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
         if extent > flat.numel():
-            raise ValueError(f"tensor of size {size} needs {extent} elements, its storage has {flat.numel()}")
+            raise ValueError(
+                f"tensor of size {quote(size)} needs {extent} elements, its storage has {flat.numel()}"
+            )
+        storage.charge_view(math.prod(size) * flat.element_size())
         return torch.as_strided(flat, size, stride, int(offset))
     return flat.new_zeros(size)
 
@@ -185,7 +222,7 @@ def _apply_metadata(tensor: torch.Tensor, metadata: Any) -> torch.Tensor:
     if metadata:
         # Only the conj/neg bits exist; anything else is not a torch.save file.
         if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"}:
-            raise ValueError(f"unknown tensor metadata {metadata!r}")
+            raise ValueError(f"unknown tensor metadata {quote(metadata)}")
         torch._utils.set_tensor_metadata(tensor, {k: bool(v) for k, v in metadata.items()})
     return tensor
 
@@ -201,8 +238,10 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, bac
 def _rebuild_tensor_v3(
     storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
 ):
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"_rebuild_tensor_v3 given dtype {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in _PLAIN_DTYPES:
+        raise ValueError(
+            f"_rebuild_tensor_v3 given dtype {quote(dtype)} (only plain, non-quantized dtypes load)"
+        )
     return _apply_metadata(_rebuild(storage, storage_offset, size, stride, dtype), metadata)
 
 
@@ -219,7 +258,9 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
 
 def _rebuild_from_type_v2(func, new_type, args, state):
     if func not in _SAFE_REBUILDERS or new_type not in (torch.Tensor, nn.Parameter):
-        raise UnsafeCheckpointError(f"_rebuild_from_type_v2 with {func!r} / {new_type!r} is not allowed")
+        raise UnsafeCheckpointError(
+            f"_rebuild_from_type_v2 with {quote(func)} / {quote(new_type)} is not allowed"
+        )
     out = func(*args)
     if new_type is nn.Parameter and not isinstance(out, nn.Parameter):
         out = nn.Parameter(out, requires_grad=False)
@@ -232,14 +273,14 @@ def _torch_size(*args):
 
 def _torch_device(*args):
     if not all(isinstance(a, (str, int)) for a in args):
-        raise ValueError(f"torch.device{args!r}")
+        raise ValueError(f"torch.device{quote(args)}")
     return torch.device(*args)
 
 
 def _codecs_encode(obj, encoding="utf-8", errors="strict"):
     # Protocol-2 pickles write bytes as _codecs.encode(str, 'latin1').
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise UnsafeCheckpointError(f"_codecs.encode({encoding!r}) is not allowed")
+        raise UnsafeCheckpointError(f"_codecs.encode({quote(encoding)}) is not allowed")
     return obj.encode("latin1")
 
 
@@ -247,19 +288,53 @@ def _ordered_dict(*args):
     return collections.OrderedDict(*args)
 
 
+MAX_KEY_NODES = 64  # a dict key or set item is an atom or a small tuple of atoms
+
+
+def _check_hashable(key: Any) -> None:
+    """Refuse keys whose hashing would take unbounded time (a doubled nested tuple hashes 2**depth leaves)."""
+    pending, seen = [key], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > MAX_KEY_NODES:
+            raise ValueError(f"a dict key or set item is a nested tuple of over {MAX_KEY_NODES} elements")
+        if isinstance(item, tuple):
+            pending.extend(item)
+        elif not (item is None or isinstance(item, (str, bytes, int, float, complex, torch.dtype))):
+            raise ValueError(f"a dict key or set item is a {type(item).__name__}")
+
+
 def _plain(cls: type) -> Callable:
     def build(*args):
         if (
-            cls in (set, frozenset, list, tuple)
+            cls in (set, frozenset, list, tuple, bytearray)
             and args
-            and not isinstance(args[0], (list, tuple, set, frozenset))
+            and not isinstance(args[0], (list, tuple, set, frozenset, bytes, bytearray))
         ):
+            # bytearray(2**46) would allocate 64 TiB from a few bytes of pickle.
             raise ValueError(f"{cls.__name__} built from {type(args[0]).__name__}")
+        if cls in (set, frozenset) and args:
+            for item in args[0]:
+                _check_hashable(item)
+        if cls is dict and args:
+            if len(args) > 1 or not isinstance(args[0], (dict, list, tuple)):
+                raise ValueError("dict built from something other than a dict or a list of pairs")
+            pairs = args[0].items() if isinstance(args[0], dict) else args[0]
+            for pair in pairs:
+                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                    raise ValueError("dict built from something other than pairs")
+                _check_hashable(pair[0])
         return cls(*args)
 
     return build
 
 
+_PLAIN_DTYPES = {
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.complex128, torch.complex64,
+    *(getattr(torch, n) for n in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)),
+}  # fmt: skip
 _SAFE_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter}
 
 # (module, name) -> the object the unpickler hands back. Callables here are the only things REDUCE may call.
@@ -291,8 +366,10 @@ _MODULE_RENAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 def _describe(obj: Any) -> str:
     if isinstance(obj, type) and issubclass(obj, PickledObject):
-        return f"{obj.pickled_module}.{obj.pickled_name}"
-    return getattr(obj, "__qualname__", None) or type(obj).__name__
+        name = f"{obj.pickled_module}.{obj.pickled_name}"
+    else:
+        name = getattr(obj, "__qualname__", None) or type(obj).__name__
+    return name if len(name) <= 200 else name[:197] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,12 +477,14 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def load_setitem(self) -> None:
         value = self.stack.pop()
         key = self.stack.pop()
+        _check_hashable(key)
         self._target((dict,), "sets items of")[key] = value
 
     def load_setitems(self) -> None:
         items = self.pop_mark()
         target = self._target((dict,), "sets items of")
         for i in range(0, len(items), 2):
+            _check_hashable(items[i])
             target[items[i]] = items[i + 1]  # dict, OrderedDict or a placeholder: builtin __setitem__
 
     def load_append(self) -> None:
@@ -419,9 +498,25 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     def load_additems(self) -> None:
         items = self.pop_mark()
         target = self._target((set,), "adds items to")
+        for item in items:
+            _check_hashable(item)
         target.update(items)
 
+    def load_frozenset(self) -> None:
+        items = self.pop_mark()
+        for item in items:
+            _check_hashable(item)
+        self.append(frozenset(items))
+
+    def load_dict(self) -> None:
+        items = self.pop_mark()
+        for key in items[::2]:
+            _check_hashable(key)
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
     for _op, _fn in (
+        (pickle.FROZENSET, load_frozenset),
+        (pickle.DICT, load_dict),
         (pickle.REDUCE, load_reduce),
         (pickle.NEWOBJ, load_newobj),
         (pickle.NEWOBJ_EX, load_newobj_ex),
@@ -447,40 +542,73 @@ def _plain_unpickle(f: Any) -> Any:
     return _RestrictedUnpickler(f, no_storages).load()
 
 
-def _load_zip(zf: zipfile.ZipFile) -> Any:
-    pkls = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+def _zip_entry(zf: zipfile.ZipFile, name: str, archive_bytes: int) -> zipfile.ZipInfo:
+    """The entry ``name``, checked to be stored (torch.save never compresses) and no larger than the archive."""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(
+            f"entry {quote(name)} is compressed; torch.save archives store their entries as they are"
+        )
+    if info.file_size > archive_bytes or info.file_size != info.compress_size:
+        raise ValueError(
+            f"entry {quote(name)} declares {info.file_size:,} bytes in an archive of {archive_bytes:,}"
+        )
+    return info
+
+
+def _load_zip(zf: zipfile.ZipFile, archive_bytes: int) -> Any:
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"the archive holds entries more than once ({quote(twice)}); readers would disagree")
+    pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
     if not pkls:
-        if any(n.endswith("constants.pkl") for n in zf.namelist()):
+        if any(n.endswith("constants.pkl") for n in names):
             raise ValueError("a TorchScript archive, not a torch.save checkpoint")
         raise ValueError("a zip archive without data.pkl, not a torch.save checkpoint")
+    if len(pkls) > 1:
+        raise ValueError(
+            f"the archive holds {len(pkls)} records ({quote(pkls)}), a torch.save file holds one"
+        )
     prefix = pkls[0][: -len("data.pkl")]
-    names = set(zf.namelist())
-    if prefix + "code/" in {n[: len(prefix) + 5] for n in names}:
+    entries = set(names)
+    if any(n.startswith(prefix + "code/") for n in entries):
         raise ValueError(
             "a TorchScript archive, not a torch.save checkpoint (use torch.jit.load on trusted files)"
         )
-    byteorder = zf.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in names else "little"
+    byteorder = "little"
+    if prefix + "byteorder" in entries:
+        _zip_entry(zf, prefix + "byteorder", archive_bytes)
+        byteorder = zf.read(prefix + "byteorder")[:16].decode("ascii", "replace").strip()
     if byteorder not in ("little", "big"):
-        raise ValueError(f"unknown byteorder {byteorder!r}")
+        raise ValueError(f"unknown byteorder {quote(byteorder)}")
     swap = byteorder != sys.byteorder
     loaded: dict[str, _Storage] = {}
+    budget = _ViewBudget()
 
     def storages(pid: Any) -> _Storage:
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage":
-            raise ValueError(f"unknown persistent id {pid!r}")
+            raise ValueError(f"unknown persistent id {quote(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise ValueError(f"unknown storage type {storage_type!r}")
+            raise ValueError(f"unknown storage type {quote(storage_type)}")
+        if not isinstance(key, (str, int)) or not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"malformed storage reference {quote(pid)}")
         key = str(key)
         if key not in loaded:
-            data = bytearray(zf.read(f"{prefix}data/{key}"))
+            name = f"{prefix}data/{key}"
+            if name not in entries:
+                raise ValueError(f"storage {quote(key)} is referenced but not in the archive")
+            info = _zip_entry(zf, name, archive_bytes)
+            nbytes = numel * storage_type.dtype.itemsize
+            if info.file_size < nbytes:  # checked before anything is allocated
+                raise ValueError(f"storage {quote(key)} has {info.file_size:,} bytes, expected {nbytes:,}")
+            data = bytearray(zf.read(name))
             raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-            nbytes = int(numel) * storage_type.dtype.itemsize
-            if raw.numel() < nbytes:
-                raise ValueError(f"storage {key} has {raw.numel()} bytes, expected {nbytes}")
-            loaded[key] = _Storage(raw[:nbytes], storage_type.dtype, swap)
+            loaded[key] = _Storage(raw[:nbytes], storage_type.dtype, swap, budget)
         return loaded[key]
 
+    _zip_entry(zf, pkls[0], archive_bytes)
     with zf.open(pkls[0]) as f:
         return _RestrictedUnpickler(io.BytesIO(f.read()), storages).load()
 
@@ -489,8 +617,12 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
-def _load_legacy(f: Any) -> Any:
-    """The pre-1.6 ``torch.save`` stream: magic, protocol, sys info, the pickle, storage keys, raw storages."""
+def _load_legacy(f: Any, file_bytes: int) -> Any:
+    """The pre-1.6 ``torch.save`` stream: magic, protocol, sys info, the pickle, storage keys, raw storages.
+
+    The storages follow the pickle, so their sizes are declared before their bytes can be seen: the declared
+    total is checked against the file's size before anything is allocated.
+    """
     if _plain_unpickle(f) != _LEGACY_MAGIC:
         raise ValueError("not a torch.save file (bad magic number)")
     if _plain_unpickle(f) != _LEGACY_PROTOCOL:
@@ -499,27 +631,44 @@ def _load_legacy(f: Any) -> Any:
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise ValueError("big-endian legacy torch.save files are not supported")
     roots: dict[str, _Storage] = {}
+    budget = _ViewBudget()
+    declared = [0]
 
     def storages(pid: Any) -> _Storage:
         if not isinstance(pid, tuple) or len(pid) != 6 or pid[0] != "storage":
-            raise ValueError(f"unknown persistent id {pid!r}")
+            raise ValueError(f"unknown persistent id {quote(pid)}")
         _, storage_type, key, _location, numel, view = pid
         if not isinstance(storage_type, _StorageType):
-            raise ValueError(f"unknown storage type {storage_type!r}")
+            raise ValueError(f"unknown storage type {quote(storage_type)}")
+        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"malformed storage reference {quote(pid)}")
         size = storage_type.dtype.itemsize
         if key not in roots:  # filled after the pickle, from the raw section
-            roots[key] = _Storage(torch.zeros(int(numel) * size, dtype=torch.uint8), storage_type.dtype)
+            declared[0] += numel * size
+            if declared[0] > file_bytes:
+                raise ValueError(
+                    f"the storages declare {declared[0]:,} bytes, more than the file's {file_bytes:,}"
+                )
+            roots[key] = _Storage(
+                torch.zeros(numel * size, dtype=torch.uint8), storage_type.dtype, budget=budget
+            )
         root = roots[key]
         if view is not None:
+            if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(v, int) for v in view[1:])):
+                raise ValueError(f"malformed storage view {quote(view)}")
             _view_key, offset, view_size = view
-            return _Storage(root.raw[int(offset) * size : (int(offset) + int(view_size)) * size], root.dtype)
+            if offset < 0 or view_size < 0 or (offset + view_size) * size > root.raw.numel():
+                raise ValueError(f"storage view {quote(view)} lies outside its storage")
+            return _Storage(root.raw[offset * size : (offset + view_size) * size], root.dtype, budget=budget)
         return root
 
     result = _RestrictedUnpickler(f, storages).load()
     keys = _plain_unpickle(f)
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+        raise ValueError(f"malformed storage key list {quote(keys)}")
     for key in keys:
         if key not in roots:
-            raise ValueError(f"storage {key!r} listed but not referenced")
+            raise ValueError(f"storage {quote(key)} listed but not referenced")
         root = roots[key]
         header = f.read(8)
         if len(header) != 8:
@@ -528,13 +677,10 @@ def _load_legacy(f: Any) -> Any:
         size = root.dtype.itemsize
         if numel * size != root.raw.numel():
             raise ValueError(
-                f"storage {key!r} has {numel} elements, the pickle says {root.raw.numel() // size}"
+                f"storage {quote(key)} has {numel} elements, the pickle says {root.raw.numel() // size}"
             )
-        data = f.read(numel * size)
-        if len(data) != numel * size:
-            raise ValueError(f"storage {key!r} is truncated")
-        if data:
-            root.raw.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if numel and f.readinto(memoryview(root.raw.numpy())) != numel * size:
+            raise ValueError(f"storage {quote(key)} is truncated")
     return result
 
 
@@ -552,19 +698,23 @@ def safe_torch_load(path: PathLike) -> Any:
         with open(path, "rb") as f:
             head = f.read(4)
             f.seek(0)
+            size = os.fstat(f.fileno()).st_size
             if head.startswith(b"PK"):
                 with zipfile.ZipFile(f) as zf:
-                    return _load_zip(zf)
+                    return _load_zip(zf, size)
             if head[:1] == b"\x80":
-                return _load_legacy(f)
+                return _load_legacy(f, size)
             raise ValueError("not a torch.save file (neither a zip archive nor a pickle)")
     except UnsafeCheckpointError as err:
         raise UnsafeCheckpointError(f"{path}: {err}") from None
     except OSError:
         raise
-    except (ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError,
-            struct.error, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError) as err:  # fmt: skip
-        what = type(err).__name__ if not str(err) else f"{type(err).__name__}: {err}"
+    except (ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, OverflowError,
+            MemoryError, RecursionError, struct.error, pickle.UnpicklingError, zipfile.BadZipFile,
+            UnicodeDecodeError, NotImplementedError) as err:  # fmt: skip
+        text = " ".join(str(err).split())
+        text = text if len(text) <= 300 else text[:297] + "..."
+        what = type(err).__name__ if not text else f"{type(err).__name__}: {text}"
         raise ValueError(f"{path}: truncated, corrupted or not a torch checkpoint ({what})") from err
 
 
@@ -586,7 +736,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _short(keys: list[Any], limit: int = 12) -> str:
-    return repr(keys[:limit])[:-1] + (f", ... ({len(keys)} in all)]" if len(keys) > limit else "]")
+    shown = ", ".join(quote(k, 80) for k in keys[:limit])
+    return f"[{shown}" + (f", ... ({len(keys)} in all)]" if len(keys) > limit else "]")
 
 
 def _check_state_dict(state: Any, path: Path, where: str) -> None:
@@ -626,12 +777,23 @@ def _unwrap(obj: Any, use_ema: bool, path: Path) -> dict[str, torch.Tensor]:
             )
         state, where = obj[found], f"entry {found!r}"
     _check_state_dict(state, path, where)
+    return _strip_wrapper_prefix(
+        {k: (v.detach() if isinstance(v, nn.Parameter) else v) for k, v in state.items() if v is not None},
+        path,
+    )
+
+
+def _strip_wrapper_prefix(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix of DataParallel / DDP wrappers; two keys that become one are refused."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if value is None:
-            continue
-        key = key.removeprefix("module.")  # DataParallel / DDP wrappers
-        out[key] = value.detach() if isinstance(value, nn.Parameter) else value
+        name = key.removeprefix("module.")
+        if name in out:
+            raise ValueError(
+                f"{path}: keys {quote(name, 120)} and {quote('module.' + name, 120)} name the same weight; "
+                "which one to load is ambiguous"
+            )
+        out[name] = value
     return out
 
 
@@ -665,7 +827,7 @@ def load_checkpoint(path: PathLike, use_ema: bool = False) -> dict[str, torch.Te
             raise ValueError(f"{path}: truncated, corrupted or not a safetensors file ({err})") from err
         if use_ema:
             _logger.info("%s: a safetensors file holds one state dict; use_ema is ignored", path)
-        return {k.removeprefix("module."): v for k, v in state.items()}
+        return _strip_wrapper_prefix(state, path)
     return _unwrap(safe_torch_load(path), use_ema, path)
 
 
@@ -795,6 +957,24 @@ def load_pretrained(
 # Saving.
 
 
+def check_views_within_storages(state_dict: Mapping[str, Any]) -> None:
+    """ValueError when the tensors hold more bytes than their storages: a contiguous copy of them (what
+    safetensors writes) would be larger than what was read, e.g. a stride-0 view of one float as 1 GiB."""
+    storages: dict[int, int] = {}
+    total = 0
+    for value in state_dict.values():
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_quantized:
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+            total += value.numel() * value.element_size()
+    held = sum(storages.values())
+    if total > held:
+        raise ValueError(
+            f"the tensors are views that repeat their storages' bytes ({total:,} bytes of tensors over {held:,} "
+            "bytes of storage); a copy would be larger than the file"
+        )
+
+
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -807,23 +987,20 @@ def save_safetensors(
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise ValueError(f"save_safetensors: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ValueError(
+                f"save_safetensors: entry {quote(key)} is a {type(value).__name__}, not a tensor"
+            )
+        if value.layout != torch.strided or value.is_quantized or value.dtype not in _PLAIN_DTYPES:
+            raise ValueError(
+                f"save_safetensors: entry {quote(key)} is a {value.dtype} {value.layout} tensor; safetensors holds "
+                "dense tensors of plain dtypes"
+            )
         tensors[key] = value.detach().to("cpu").contiguous().clone()
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise OSError(
-            err.errno, f"{path} could not be written ({reason}); the previous file is unchanged"
-        ) from err
-    except Exception as err:  # safetensors reports a failed write as SafetensorError
-        raise OSError(f"{path} could not be written ({err}); the previous file is unchanged") from err
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except OSError:
+            raise
+        except Exception as err:  # safetensors reports a failed write as SafetensorError
+            raise OSError(str(err)) from err

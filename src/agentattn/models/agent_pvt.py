@@ -426,7 +426,7 @@ class AgentPVT(LinearHeadMixin, nn.Module):
         self.grad_checkpointing = False
         self.grid_sizes = _stage_grids(self.img_size, patch_size, num_stages)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         cur = 0
         self.feature_info = []
         for i in range(num_stages):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_agent
+from ._masked_rows import fully_masked_rows
 from ._validation import check_agent_attention_args
 
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "matmul", "triton")
@@ -99,6 +100,16 @@ def agent_attention(
     Returns:
         (B, H, N, d_v). Biases are cast to the dtype of q. B = 0 gives an empty result.
 
+    A fully masked row is taken as a row whose keys are all padded, on every backend, with or without gradients:
+    an agent whose B1 row is -inf at every key (after the cast to q's dtype, padded keys counted as -inf) gathers
+    zero values, and a query whose B2 row is -inf at every agent gets a zero output row. No gradient flows through
+    such a row (its bias gradient is zero) and every gradient stays finite. Rows with some finite entries are
+    ordinary softmaxes. Cost, with no such row: on CPU, a look at each bias's first and last columns (a few µs;
+    a row can only be -inf throughout if it is -inf at both ends). Where a look would cost a device sync or break
+    a traced graph (CUDA, torch.compile, torch.export) the rows are always patched instead: a reduction and a fill
+    of each bias, a multiply of the (B, H, n, d_v) agent values, and a multiply of the output, which on the SDPA
+    path shares the pass of the NaN term below. The Triton kernels handle such rows themselves, at no cost.
+
     NaN is not checked for (that would cost a device sync): it propagates. A NaN in a query gives a NaN output
     row; a NaN in a key, value or agent of a (batch, head) reaches every output row of that (batch, head).
     fp16/bf16 inputs get fp32 logits and softmax on every path.
@@ -112,23 +123,49 @@ def agent_attention(
         t is not None and t.requires_grad for t in (q, k, v, agents, agent_bias, query_bias)
     )
     chosen = _choose_backend(backend, q, v, agents, needs_grad, p)
-    if chosen == "triton":
+    if chosen == "triton":  # the kernels give a fully masked row of either bias a zero output themselves
         out = triton_agent.agent_attention_triton(
             q, k, v, agents, scale=s, agent_bias=mask1, query_bias=mask2
         )
         if all_padded is not None:  # zero agent values give a zero output
             out = out.masked_fill(all_padded[:, None, None, None], 0.0)
         return out
+    # Fully masked rows (-inf throughout) are unmasked for the kernels (a softmax over nothing is NaN in the output
+    # or in the gradient, depending on the kernel and the torch version) and their output rows multiplied by 0.
+    check_first = _check_rows_first(q)
+    dead1 = fully_masked_rows(mask1, check_first)  # (B|1, H|1, n|1, 1) or None
+    dead2 = fully_masked_rows(mask2, check_first)  # (B|1, H|1, N|1, 1) or None
+    if dead1 is not None:
+        mask1 = mask1.masked_fill(dead1, 0.0)
+    if dead2 is not None:
+        mask2 = mask2.masked_fill(dead2, 0.0)
     attend = _attend_matmul if chosen == "matmul" else _attend_sdpa
     agent_values = attend(agents, k, v, mask1, p, s)  # (B, H, n, d_v)
+    if dead1 is not None:  # × 0 rather than a fill: NaN in -> NaN out, as the reference
+        agent_values = agent_values * dead1.logical_not()
     if all_padded is not None:
         agent_values = agent_values.masked_fill(all_padded[:, None, None, None], 0.0)
     out = attend(q, agents, agent_values, mask2, p, s)  # (B, H, N, d_v)
+    # PyTorch's fused kernel can return zeros for a query row holding NaN; keep NaN in -> NaN out, as the other
+    # paths do (adding ±0 changes nothing else).
+    nan_term = None
     if attend is _attend_sdpa and _may_hold_nan(q, mask2):
-        # PyTorch's fused kernel can return zeros for a query row holding NaN; keep NaN in -> NaN out, as the
-        # other paths do (adding ±0 changes nothing else).
-        out = out + q.sum(dim=-1, keepdim=True).mul(0.0)
+        nan_term = q.sum(dim=-1, keepdim=True).mul(0.0)
+    if dead2 is not None:
+        keep = dead2.logical_not().to(out.dtype)
+        out = out * keep if nan_term is None else torch.addcmul(nan_term, out, keep)  # one pass either way
+    elif nan_term is not None:
+        out = out + nan_term
     return out
+
+
+def _check_rows_first(q: torch.Tensor) -> bool:
+    """Whether to look for fully masked rows before paying for them (see ``fully_masked_rows``): on CPU, where a
+    look costs no device sync, and not in a compiled, exported or traced call, where a data-dependent branch would
+    break or be baked into the graph. Elsewhere they are always patched."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False
+    return q.device.type == "cpu"
 
 
 def _may_hold_nan(q: torch.Tensor, query_mask: torch.Tensor | None) -> bool:

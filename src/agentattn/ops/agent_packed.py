@@ -23,6 +23,12 @@ Per head h (s the scale, B1/B2 the biases, A = pool(Q) the agents):
 
 and out[spatial] += DWC(V_spatial), whose backward is ``aten.convolution_backward``.
 
+A row of B1 or B2 that is -inf everywhere is taken, as on every path of ``agent_attention``, as a row whose keys
+are all padded: the softmax sees it as 0 and its output row is multiplied by 0 in place. That agent gathers zero
+values, or that query gets a zero attention output (the DWC term is still added); the row passes no gradient
+(dL = 0 there, a zero bias gradient) and nothing is NaN. Looking for such rows costs a look at each bias's first
+and last columns (a few µs); the rest is paid only when one exists.
+
 It is tested against autograd through :func:`agentattn.ops.agent_attention` (outputs and every gradient) and with
 ``torch.autograd.gradcheck`` in float64.
 """
@@ -31,6 +37,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._masked_rows import fully_masked_rows
 
 __all__ = ["agent_attention_packed", "packed_path_applies"]
 
@@ -78,7 +86,9 @@ def agent_attention_packed(
         scale: logit scale s (None: d ** -0.5).
 
     Returns:
-        (B, P + H·W, C): what ``AgentAttention`` projects with ``proj``.
+        (B, P + H·W, C): what ``AgentAttention`` projects with ``proj``. A row of a bias that is -inf everywhere
+        attends to nothing (zero agent values, or a zero attention output for that query; zero bias gradient),
+        as in :func:`agentattn.ops.agent_attention`.
     """
     if qkv.dim() != 3 or qkv.shape[-1] % 3:
         raise ValueError(f"qkv must be (B, N, 3C), got shape {tuple(qkv.shape)}")
@@ -146,15 +156,28 @@ class _PackedAgentAttention(torch.autograd.Function):
         q_map = _spatial_map(q, prefix, grid)
         agents = F.adaptive_avg_pool2d(q_map, agent_grid).flatten(2).transpose(1, 2).contiguous()  # (B, n, C)
         out = qkv.new_empty(q.shape)
+        # Fully masked bias rows: 0 for the softmax, whose row is then multiplied by 0 (NaN in -> NaN out).
+        check_first = qkv.device.type == "cpu"
+        dead1, dead2 = fully_masked_rows(bias1, check_first), fully_masked_rows(bias2, check_first)
+        keep1 = None if dead1 is None else dead1.logical_not().to(qkv.dtype)  # (1, h, n, 1)
+        keep2 = None if dead2 is None else dead2.logical_not().to(qkv.dtype)  # (1, h, N, 1)
+        if dead1 is not None:
+            bias1 = bias1.masked_fill(dead1, 0.0)
+        if dead2 is not None:
+            bias2 = bias2.masked_fill(dead2, 0.0)
         saved = []
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             a_h = agents[..., cols]
             logits1 = torch.baddbmm(bias1[0, h], a_h, k[..., cols].transpose(1, 2), alpha=scale)  # (B, n, M)
             p1 = logits1.softmax(-1)
+            if keep1 is not None:
+                p1.mul_(keep1[0, h])
             va = torch.bmm(p1, v[..., cols])  # (B, n, d)
             logits2 = torch.baddbmm(bias2[0, h], q[..., cols], a_h.transpose(1, 2), alpha=scale)  # (B, N, n)
             p2 = logits2.softmax(-1)
+            if keep2 is not None:
+                p2.mul_(keep2[0, h])
             out[..., cols] = torch.bmm(p2, va)  # bmm(out=) into a strided slice takes a per-matrix loop
             saved += [p1, va, p2]
         v_map = _spatial_map(v, prefix, grid).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._masked_rows import softmax_or_zero
 from ._validation import check_agent_attention_args
 
 
@@ -41,6 +42,11 @@ def agent_attention(
 
     Returns:
         (B, H, N, d_v).
+
+    A fully masked row (a row of B1, after the cast to q's dtype and with the padded keys counted as -inf, or a row
+    of B2, that is -inf everywhere) is taken as a row whose keys are all padded: that agent gathers zero values, or
+    that query's output row is zero; no gradient flows through the row (its bias gradient is zero) and every
+    gradient stays finite. Rows with some finite entries are ordinary softmaxes. The fast paths give the same.
     """
     check_agent_attention_args(q, k, v, agents, agent_bias, query_bias, key_padding_mask, dropout_p, scale)
     agent_probs, query_probs = agent_attention_weights(
@@ -73,8 +79,10 @@ def agent_attention_weights(
     Args: as :func:`agent_attention` (q (B, H, N, d), k (B, H, M, d), agents (B, H, n, d)).
 
     Returns:
-        ``(agent_probs, query_probs)``: (B, H, n, M), what each agent gathers from each key (rows sum to 1,
-        or 0 for an agent whose keys are all padded); and (B, H, N, n), what each query reads from each agent.
+        ``(agent_probs, query_probs)``: (B, H, n, M), what each agent gathers from each key; and (B, H, N, n),
+        what each query reads from each agent. Rows sum to 1, or are 0 where the logits are -inf throughout (an
+        agent whose keys are all padded or whose B1 row is -inf at every unpadded key, a query whose B2 row is
+        -inf everywhere).
     """
     check_agent_attention_args(q, k, k, agents, agent_bias, query_bias, key_padding_mask, 0.0, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
@@ -86,13 +94,10 @@ def agent_attention_weights(
     if key_padding_mask is not None:
         padded = key_padding_mask[:, None, None, :]  # (B, 1, 1, M)
         agent_logits = agent_logits.masked_fill(padded, float("-inf"))
-    agent_probs = agent_logits.softmax(dim=-1)
-    if key_padding_mask is not None:
-        all_padded = key_padding_mask.all(dim=-1)[:, None, None, None]  # (B, 1, 1, 1)
-        agent_probs = torch.where(all_padded, torch.zeros_like(agent_probs), agent_probs)
+    agent_probs = softmax_or_zero(agent_logits)  # a row with every key padded or at -inf gathers nothing
 
     # Agent broadcast: N queries attend over the n agents.
     query_logits = (q * s) @ agents.transpose(-2, -1)  # (B, H, N, n)
     if query_bias is not None:
         query_logits = query_logits + query_bias.to(q.dtype)
-    return agent_probs, query_logits.softmax(dim=-1)
+    return agent_probs, softmax_or_zero(query_logits)  # a row of B2 at -inf throughout reads nothing

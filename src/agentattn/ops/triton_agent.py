@@ -10,6 +10,10 @@ and leaves most of the GPU idle; splitting the keys (flash-decoding) fills it. S
 needs no online softmax, and it reads its bias with strides instead of the 16-aligned padded copy that the
 memory-efficient SDPA kernel makes of an (N, 49) mask on every call.
 
+A row of B1 or B2 that is -inf everywhere (a softmax over nothing) gives a zero row, as on every path of
+``agentattn.ops.agent_attention``: stage 1 keeps exp() at 0 for such a row and the combine divides its zero sum by
+1; stage 2 does the same in registers. Both cost nothing noticeable (a select on a per-row vector).
+
 Forward only: ``agentattn.ops.agent_attention`` routes here on CUDA when no gradient is needed. The kernels run
 on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks their logic without a GPU.
 """
@@ -164,8 +168,11 @@ if triton is not None:
             )
             s += bias.to(tl.float32)
         s = tl.where(agent_ok[None, :], s, float("-inf"))
-        p = tl.exp(s - tl.max(s, 1)[:, None])
-        p = p / tl.sum(p, 1)[:, None]
+        # A fully masked row (-inf throughout): exp() gives 0, not NaN, and its zero sum is divided by 1.
+        m = tl.max(s, 1)
+        p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        total = tl.sum(p, 1)
+        p = p / tl.where(total == 0.0, 1.0, total)[:, None]
         va = tl.load(VA + pid_bh * BLOCK_A * BLOCK_DV + offs_a[:, None] * BLOCK_DV + offs_dv[None, :])
         out = tl.dot(p.to(q.dtype), va.to(q.dtype), input_precision=PRECISION)
         tl.store(
@@ -202,7 +209,8 @@ def agent_attention_triton(
         q: (B, H, N, d); k: (B, H, M, d); v: (B, H, M, d_v); agents: (B, H, n, d), any strides.
         scale: the logit scale s.
         agent_bias: B1, already broadcastable to (B, H, n, M) (a key padding mask folded in as -inf).
-        query_bias: B2, broadcastable to (B, H, N, n).
+        query_bias: B2, broadcastable to (B, H, N, n). A row of either that is -inf everywhere gives a zero row
+            (zero agent values; a zero output row).
         splits: key slices per (b, h) in stage 1; by default enough to give every SM several programs.
 
     Returns:
@@ -240,8 +248,10 @@ def agent_attention_triton(
     # Combine the key slices: Va = Σ_s e^{m_s − m}·acc_s / Σ_s e^{m_s − m}·l_s, with m the max over slices.
     overall = row_max.amax(dim=1, keepdim=True)
     weight = torch.exp(row_max - overall.masked_fill(overall == float("-inf"), 0.0))  # (bh, S, A)
-    agent_values = (weight[..., None] * partial).sum(1) / (weight * row_sum).sum(1)[..., None]
-    # Padding rows beyond n_agents are 0/0; their softmax weight is 0, but 0·NaN is NaN in the next matmul.
+    # The sum is >= 1, or 0 for a row that is -inf throughout (and the padding rows): that one's zero acc / 1.
+    total = (weight * row_sum).sum(1)  # (bh, A)
+    agent_values = (weight[..., None] * partial).sum(1) / total.masked_fill(total == 0.0, 1.0)[..., None]
+    # Padding rows beyond n_agents: their softmax weight is 0, but whatever they hold must not be NaN (0·NaN).
     agent_values[:, n_agents:] = 0.0  # (bh, BLOCK_A, BLOCK_DV), contiguous
 
     out = torch.empty(batch, heads, n_queries, value_dim, device=q.device, dtype=q.dtype)

@@ -6,6 +6,10 @@ the same depthwise-conv term ('LLLL'). Each trains in its own ``agentattn train`
 memory (the process's maximum resident set) is its own. Then every model is timed for inference in
 interleaved rounds, the agents of the agent model are drawn on a few test images, and ``report.md`` and a
 self-contained ``report.html`` are written with every figure computed in this run.
+
+The run holds its output directory for its whole life (each twin's ``agentattn train`` holds its own
+sub-directory), and refuses to start over an earlier comparison's results unless ``overwrite``, which removes
+that comparison's own files (nothing else).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text, lock_run_directory
 from ..models._flops import count_flops, count_params
-from ..train.data import build_data
+from ..train.data import DataBundle, build_data
+from ..train.loop import RUN_FILES as TRAIN_RUN_FILES
+from ..train.record_checks import prepare_output
 from ..train.restore import model_from_checkpoint
 from .explain import explain
 from .figures import plot_curves
@@ -55,6 +61,16 @@ COMPARE_MODEL_KWARGS: dict[str, Any] = dict(
     sr_ratios=(1, 1, 1, 1),
 )
 FULL_EPOCHS = 30
+# The files a comparison writes: what overwrite removes, and nothing else (the twins' runs for every twin).
+COMPARE_FILES = (
+    "report.md",
+    "report.html",
+    "results.json",
+    "loss.png",
+    "accuracy.png",
+    "agents_*.png",
+    *(f"{twin}/{name}" for twin in TWINS for name in TRAIN_RUN_FILES),
+)
 
 
 @dataclass
@@ -78,6 +94,7 @@ class CompareConfig:
     inference_batch: int = 256
     inference_rounds: int = 5
     progress: bool = True
+    overwrite: bool = False  # replace an earlier comparison's results in output
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.twins if t not in TWINS]
@@ -198,15 +215,20 @@ def compare(config: CompareConfig) -> tuple[list[TwinResult], Path]:
     """Train the twins, measure them, write the report; return the results and the report directory.
 
     Raises:
-        ValueError: an existing output directory with a report, or bad options.
+        ValueError: an output directory holding an earlier comparison's results (and not ``overwrite``), or bad
+            options.
+        RunDirectoryInUse: another live run holds the output directory or a twin's (an ``OSError``).
         RuntimeError: a twin's training process failed.
     """
     output = Path(config.output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if (output / "report.md").exists():
-        raise ValueError(f"{output} already holds a report: choose another --output")
     # The test split now: a missing dataset fails here, in one line, before any training starts.
     data = build_data(config.data, eval_subset=config.eval_subset, seed=config.seed, with_train=False)
-    output.mkdir(parents=True, exist_ok=True)
+    with lock_run_directory(output):  # for the run's whole life; each twin's run locks its own sub-directory
+        prepare_output(output, COMPARE_FILES, config.overwrite)
+        return _compare(config, data, output)
+
+
+def _compare(config: CompareConfig, data: DataBundle, output: Path) -> tuple[list[TwinResult], Path]:
     if config.threads:
         torch.set_num_threads(config.threads)
 

@@ -36,7 +36,7 @@ class Explanation:
 
 def preprocessing_for(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """``{"in_chans", "img_size", "mean", "std"}`` for the model's inputs (from the run record, else timm's cfg)."""
-    data = str(meta.get("config", {}).get("data", ""))
+    data = str(meta.get("data") or "")
     if meta and data.startswith("fashion-mnist"):
         return dict(
             in_chans=1, img_size=meta["img_size"], mean=(FASHION_MNIST_MEAN,), std=(FASHION_MNIST_STD,)

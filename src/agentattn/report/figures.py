@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .._io import atomic_write_bytes
+from ..io import atomic_write_bytes
 from ..layers.attention_maps import AgentAttentionMaps
 
 __all__ = ["plot_agent_attention", "plot_curves", "save_figure"]

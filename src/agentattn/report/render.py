@@ -8,7 +8,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._io import atomic_write_text
+from ..io import atomic_write_text
 
 __all__ = ["Report"]
 

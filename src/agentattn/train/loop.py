@@ -9,7 +9,12 @@ Files in ``config.output``:
 - ``metrics.jsonl``: one ``{"kind": "step", ...}`` line per step and one ``{"kind": "epoch", ...}`` per epoch;
 - ``metrics.csv``: the epoch lines as a table;
 - ``last.pth``: the checkpoint ``--resume`` reads (plain containers and tensors only, loaded with the safe
-  loader, so resuming never unpickles code), written atomically.
+  loader, so resuming never unpickles code), written atomically; every field is checked before it is used.
+
+The run holds ``config.output`` (rank 0 takes its lock) for its whole life: a second run into it stops at once.
+A directory that already holds results is only continued (``resume`` with a checkpoint) or, with
+``overwrite``, emptied of this run's own files; otherwise the run refuses to start. The logs are appended
+through :func:`agentattn.io.open_log`, which never writes through a symlink.
 
 Timing fields (``time_s``, ``img_per_s``, ``epoch_time_s``) are the only ones that differ between two runs
 with the same seed in deterministic mode; everything else, and the weights, are bit-identical, also when a
@@ -18,11 +23,13 @@ run is killed and resumed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import random
+import stat
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,8 +49,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..io import atomic_open, lock_run_directory, open_log, quote
 from ..models._checkpoint import safe_torch_load
 from .data import DataBundle, EpochSampler, build_data
+from .record_checks import (
+    check_dict,
+    check_int,
+    check_list,
+    check_number,
+    check_optimizer_state,
+    check_plain,
+    check_rng_state,
+    check_scheduler_state,
+    check_state_dict,
+    check_str,
+    get_field,
+    load_state_dict_checked,
+    remove_results,
+    results_in,
+)
 
 __all__ = [
     "PRESETS",
@@ -58,6 +82,9 @@ __all__ = [
 
 CHECKPOINT_NAME = "last.pth"
 CHECKPOINT_FORMAT = "agentattn-train-v1"
+METRICS_NAMES = ("metrics.jsonl", "metrics.csv")
+# The files a run writes into its output directory: what --overwrite removes, and nothing else.
+RUN_FILES = (*METRICS_NAMES, CHECKPOINT_NAME)
 # Options a resumed run must share with the run it continues.
 _RESUME_KEYS = (
     "data",
@@ -113,6 +140,7 @@ class TrainConfig:
     ckpt_every_steps: int = 0
     max_steps: int = 0  # >0: stop after this many optimizer steps in total (smoke tests)
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run's results (that has no checkpoint to resume)
     device: str = "auto"
     progress: bool = True
     preset: str | None = None
@@ -244,36 +272,18 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         OSError: the write failed (disk full, ...); the message names ``path`` and says the previous file is
             unchanged. The temp file is removed.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            writer = _KeepWriteError(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError as err:
-                if writer.error is None:
-                    raise
-                raise writer.error from err
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_open(path, "wb") as f:
+        writer = _KeepWriteError(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as err:
+            if writer.error is None:
+                raise
+            raise writer.error from err
+        f.flush()
         pause = os.environ.get("AGENTATTN_TEST_SAVE_PAUSE_S")
         if pause:  # tests only: widen the window between the complete temp file and the rename (kill tests)
             time.sleep(float(pause))
-        os.replace(tmp, path)
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise OSError(
-            err.errno, f"{path} could not be written ({reason}); the previous file is unchanged"
-        ) from err
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -302,18 +312,29 @@ def _plain_config(config: TrainConfig) -> dict[str, Any]:
 class _MetricsWriter:
     """Appends JSONL (steps and epochs) and CSV (epochs) lines; ``sizes()`` lets a resume truncate them."""
 
-    def __init__(self, output: Path, enabled: bool, truncate_to: dict[str, int] | None) -> None:
+    def __init__(
+        self, output: Path, enabled: bool, truncate_to: dict[str, int] | None, source: Path | None = None
+    ) -> None:
         self.enabled = enabled
         self.jsonl_path, self.csv_path = output / "metrics.jsonl", output / "metrics.csv"
         if not enabled:
             return
-        for path in (self.jsonl_path, self.csv_path):
-            size = (truncate_to or {}).get(path.name, 0)
-            # Drop the lines written after the checkpoint we resume from: they will be written again.
-            with open(path, "a+b") as f:
-                f.truncate(size)
-        self.jsonl = open(self.jsonl_path, "a")
-        self.csv = open(self.csv_path, "a", newline="")
+        paths = (self.jsonl_path, self.csv_path)
+        with contextlib.ExitStack() as stack:
+            # Both logs open (a symlink is refused) before either is cut.
+            logs = [stack.enter_context(open_log(path, binary=True)) for path in paths]
+            for path, log in zip(paths, logs, strict=True):
+                size = (truncate_to or {}).get(path.name, 0)
+                current = os.fstat(log.fileno()).st_size
+                if size > current:  # never grow a log (a huge size would make a huge sparse file)
+                    raise ValueError(
+                        f"{source}: field metrics_bytes[{path.name!r}] must be at most {current} (the size of "
+                        f"{path}), got {size}"
+                    )
+                # Drop the lines written after the checkpoint we resume from: they will be written again.
+                log.truncate(size)
+        self.jsonl = open_log(self.jsonl_path)
+        self.csv = open_log(self.csv_path)
 
     def step(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -449,6 +470,101 @@ def _amp_dtype(amp: str) -> torch.dtype | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The run directory and the checkpoint to resume.
+
+
+def _prepare_output(output: Path, config: TrainConfig) -> None:
+    """Refuse to start over an earlier run's results (unless ``overwrite``: then remove its files).
+
+    Called by rank 0 with the directory locked. Resuming an existing checkpoint is always allowed.
+    """
+    ckpt_path = output / CHECKPOINT_NAME
+    if config.resume and ckpt_path.is_file():
+        return
+    found = results_in(output, RUN_FILES)
+    if not found:
+        return
+    if config.overwrite:
+        removed = remove_results(output, RUN_FILES)
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {output}")
+        return
+    if CHECKPOINT_NAME in found:
+        raise ValueError(
+            f"{ckpt_path} exists: pass --resume to continue that run, choose another --output, or pass "
+            "--overwrite to replace its results"
+        )
+    raise ValueError(
+        f"{output} holds results of an earlier run ({', '.join(found)}) but no {CHECKPOINT_NAME} to continue "
+        "it with --resume: choose another --output, or pass --overwrite to replace them"
+    )
+
+
+def _log_size(path: Path) -> int | None:
+    """The size of the log at ``path``, 0 when there is none; None for a symlink or another non-regular file
+    (refused when it is opened, before anything is cut)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _resume_fields(path: Path, ckpt: dict[str, Any], config: TrainConfig, master: bool) -> dict[str, Any]:
+    """Check the fields of the checkpoint ``path`` that do not depend on the data or the model (before the data
+    loads: a bad file fails at once). ValueError names the file and the field."""
+    name = check_str(path, "model_name", get_field(path, ckpt, "model_name"), 500)
+    if name != config.model:
+        raise ValueError(f"{path} is a {quote(name)} checkpoint, not {config.model!r}")
+    # These fix the data order and the weights' shapes: resuming with other values would not continue the run.
+    saved = check_plain(path, "config", check_dict(path, "config", get_field(path, ckpt, "config")))
+    now = _plain_config(config)
+    changed = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {quote(saved.get(k), 80)} -> {quote(now[k], 80)}" for k in changed)
+        raise ValueError(f"{path} was written with other settings ({diffs}): pass the run's options again")
+    total_epochs = config.epochs + config.cooldown_epochs
+    epoch = check_int(path, "epoch", get_field(path, ckpt, "epoch"), 0, total_epochs)
+    step = check_int(path, "step_in_epoch", get_field(path, ckpt, "step_in_epoch"), 0)
+    global_step = check_int(path, "global_step", get_field(path, ckpt, "global_step"), 0, 2**62)
+    sums = check_list(path, "epoch_sums", get_field(path, ckpt, "epoch_sums"), 2)
+    loss_sum = check_number(path, "epoch_sums[0]", sums[0], 0)
+    seen = check_int(path, "epoch_sums[1]", sums[1], 0)
+    history = check_list(path, "history", get_field(path, ckpt, "history"))
+    if len(history) != epoch:  # one record per finished epoch
+        raise ValueError(
+            f"{path}: field history must be a list of {epoch} epoch records (field epoch is {epoch}), "
+            f"got {len(history)}"
+        )
+    for i, record in enumerate(history):
+        for key, value in check_dict(path, f"history[{i}]", record).items():
+            check_number(path, f"history[{i}].{quote(key, 40)[1:-1]}", value, finite=False)
+    sizes = check_dict(path, "metrics_bytes", get_field(path, ckpt, "metrics_bytes"))
+    if set(sizes) != set(METRICS_NAMES):
+        raise ValueError(
+            f"{path}: field metrics_bytes must have the keys {list(METRICS_NAMES)}, got {quote(list(sizes))}"
+        )
+    output = path.parent
+    for log in METRICS_NAMES:
+        size = check_int(path, f"metrics_bytes[{log!r}]", sizes[log], 0)
+        current = _log_size(output / log) if master else None
+        if current is not None and size > current:
+            raise ValueError(
+                f"{path}: field metrics_bytes[{log!r}] must be an int in [0, {current}] (the size of "
+                f"{output / log}), got {size}"
+            )
+    rng = check_rng_state(path, "rng", get_field(path, ckpt, "rng"))
+    return dict(
+        epoch=epoch,
+        step_in_epoch=step,
+        global_step=global_step,
+        epoch_sums=(loss_sum, seen),
+        history=[dict(r) for r in history],
+        metrics_bytes={k: int(sizes[k]) for k in METRICS_NAMES},
+        rng=rng,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -459,8 +575,15 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
     rank 0 logs, evaluates and checkpoints.
 
     Raises:
-        ValueError: bad data source, model name or kwargs, or an unusable checkpoint with ``resume``.
+        ValueError: bad data source, model name or kwargs, an unusable checkpoint with ``resume``, or an output
+            directory holding an earlier run's results (without ``resume`` of its checkpoint or ``overwrite``).
+        RunDirectoryInUse: another live run holds the output directory (an ``OSError``).
     """
+    with contextlib.ExitStack() as stack:  # holds the run directory until the run ends, however it ends
+        return _train(config, data, stack)
+
+
+def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitStack) -> TrainResult:
     # ---- processes, devices, determinism
     check_config(config)
     _check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
@@ -485,14 +608,15 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
         raise ValueError("--amp fp16 needs a CUDA device (it uses a GradScaler): use --amp bf16 on the CPU")
     output = Path(config.output)
     ckpt_path = output / CHECKPOINT_NAME
-    if ckpt_path.is_file() and not config.resume:
-        raise ValueError(
-            f"{ckpt_path} exists: pass --resume to continue that run, or choose another --output"
-        )
     if master:
-        output.mkdir(parents=True, exist_ok=True)
-        for stale in output.glob(f".{CHECKPOINT_NAME}.tmp-*"):
-            stale.unlink()  # a temp file left by a kill during a save; last.pth itself is intact
+        # One live run per directory; this also removes the temp files of writers that are gone (a kill
+        # during a save), never a live writer's. last.pth itself is intact.
+        stack.enter_context(lock_run_directory(output))
+        _prepare_output(output, config)
+    ckpt, resumed = None, None
+    if config.resume and ckpt_path.is_file():
+        ckpt = load_training_checkpoint(ckpt_path)
+        resumed = _resume_fields(ckpt_path, ckpt, config, master)
 
     # ---- data
     if data is None:
@@ -561,35 +685,44 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
         SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     )
 
-    # ---- resume
+    # ---- resume (every field checked before it is used)
     start_epoch, start_step, global_step, metrics_sizes, history = 0, 0, 0, None, []
     resume_rng, resume_sums = None, (0.0, 0)
-    if config.resume and ckpt_path.is_file():
-        ckpt = load_training_checkpoint(ckpt_path)
-        if ckpt["model_name"] != config.model:
-            raise ValueError(f"{ckpt_path} is a {ckpt['model_name']!r} checkpoint, not {config.model!r}")
-        # These fix the data order and the weights' shapes: resuming with other values would not continue the run.
-        saved, now = ckpt["config"], _plain_config(config)
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+    if ckpt is not None and resumed is not None:
+        total = config.epochs + config.cooldown_epochs
+        last = steps_per_epoch - 1 if resumed["epoch"] < total else 0
+        if resumed["step_in_epoch"] > last:
             raise ValueError(
-                f"{ckpt_path} was written with other settings ({diffs}): pass the run's options again"
+                f"{ckpt_path}: field step_in_epoch must be an int in [0, {last}], got {resumed['step_in_epoch']}"
             )
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[1:2] or [str(err)]
-            raise ValueError(f"{ckpt_path} does not fit this model ({first[0].strip()})") from err
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("state_dict_ema"):
-            ema.module.load_state_dict(ckpt["state_dict_ema"])
-        start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        metrics_sizes, history, resume_rng = ckpt["metrics_bytes"], list(ckpt["history"]), ckpt["rng"]
-        resume_sums = (float(ckpt["epoch_sums"][0]), int(ckpt["epoch_sums"][1]))
+        load_state_dict_checked(ckpt_path, "model", model, get_field(ckpt_path, ckpt, "model"))
+        optimizer_state = check_optimizer_state(
+            ckpt_path, "optimizer", get_field(ckpt_path, ckpt, "optimizer"), optimizer
+        )
+        scheduler_state = check_scheduler_state(
+            ckpt_path, "scheduler", get_field(ckpt_path, ckpt, "scheduler"), scheduler.state_dict()
+        )
+        scaler_state = get_field(ckpt_path, ckpt, "scaler")
+        if scaler_state is not None:
+            check_dict(ckpt_path, "scaler", scaler_state)
+            if scaler is not None and scaler_state:
+                check_scheduler_state(ckpt_path, "scaler", scaler_state, scaler.state_dict())
+        ema_state = get_field(ckpt_path, ckpt, "state_dict_ema")
+        if ema_state is not None:
+            check_state_dict(ckpt_path, "state_dict_ema", ema_state)
+            if ema is not None and ema_state:
+                load_state_dict_checked(ckpt_path, "state_dict_ema", ema.module, ema_state)
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        if scaler is not None and scaler_state:
+            scaler.load_state_dict(scaler_state)
+        start_epoch, start_step, global_step = (
+            resumed["epoch"],
+            resumed["step_in_epoch"],
+            resumed["global_step"],
+        )
+        metrics_sizes, history, resume_rng = resumed["metrics_bytes"], resumed["history"], resumed["rng"]
+        resume_sums = resumed["epoch_sums"]
         if master:
             print(
                 f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} (global step {global_step})"
@@ -607,7 +740,8 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
     if resume_rng is not None:
         _set_rng_state(resume_rng)
 
-    metrics = _MetricsWriter(output, enabled=master, truncate_to=metrics_sizes)
+    metrics = _MetricsWriter(output, enabled=master, truncate_to=metrics_sizes, source=ckpt_path)
+    stack.callback(metrics.close)
     eval_loader = DataLoader(
         data.eval,
         batch_size=config.batch_size,
