@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -75,7 +76,7 @@ BAD_FIELDS = [
     ("backbone_kwargs holding a tensor", lambda c: c["config"].update(backbone_kwargs={"depths": torch.ones(2)}),
      r"field config\.backbone_kwargs must be plain values"),
     ("backbone_kwargs no model takes", lambda c: c["config"].update(backbone_kwargs={"depths": "abc"}),
-     r"field config describes no model that can be built"),
+     r"its model fields do not build a model"),
     ("backbone_kwargs naming a checkpoint", lambda c: c["config"].update(backbone_kwargs={"checkpoint_path": "/x"}),
      r"field config\.backbone_kwargs\.checkpoint_path is not an architecture argument"),
     ("detector_kwargs naming a URL", lambda c: c["config"].update(detector_kwargs={"weights_url": "http://x"}),
@@ -125,3 +126,23 @@ def test_a_path_the_checkpoint_names_is_never_opened(dense_run, tmp_path, capsys
     assert f"{path} was trained on 'coco:{tmp_path / 'coco'}': pass that data with --data" in _one_line(
         capsys
     )
+
+
+def test_dense_checkpoint_sizes_and_model_are_bounded(tmp_path):
+    """A dense checkpoint cannot ask for a huge synthetic set or a model larger than its weights."""
+    from agentattn.dense.engine import CHECKPOINT_FORMAT, DenseConfig, build_dense_model
+
+    config = DenseConfig(img_size=64)
+    model = build_dense_model(config, 3, True)
+    base = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(config), "num_classes": 3,
+            "synthetic": True, "model": model.state_dict()}  # fmt: skip
+    torch.save(base, tmp_path / "ok.pth")
+    load_dense_checkpoint(tmp_path / "ok.pth")
+    for field, value, match in [("num_val", 10**9, "num_val"), ("img_size", 10**6, "img_size")]:
+        torch.save({**base, "config": {**base["config"], field: value}}, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=match):
+            load_dense_checkpoint(tmp_path / "bad.pth")
+    bigger = {**base["config"], "backbone": "agent_pvt_medium_224"}
+    torch.save({**base, "config": bigger}, tmp_path / "big.pth")
+    with pytest.raises(ValueError, match="bytes of weights"):
+        load_dense_checkpoint(tmp_path / "big.pth")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import io
 import json
 import time
@@ -32,12 +33,14 @@ from torch.utils.data import DataLoader
 
 from ..io import atomic_write_text, lock_run_directory, open_log
 from ..models._checkpoint import safe_torch_load
+from ..models.record import check_model_fits_weights
 from ..train.loop import atomic_torch_save
 from ..train.record_checks import (
     check_architecture_kwargs,
     check_bool,
     check_dataclass_values,
     check_int,
+    check_state_dict,
     get_field,
     load_state_dict_checked,
     prepare_output,
@@ -410,6 +413,10 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
     return result
 
 
+FILE_INT_LIMITS = {"img_size": 4096, "min_size": 4096, "max_size": 4096, "num_train": 100_000, "num_val": 100_000,
+                   "epochs": 100_000, "batch_size": 4096}  # fmt: skip
+
+
 def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dict[str, Any]]:
     """(config, model with the weights, checkpoint dict) from a ``model.pth`` written by :func:`train_dense`.
 
@@ -429,6 +436,12 @@ def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dic
             f"{path}: not a checkpoint written by `agentattn dense train` (no {CHECKPOINT_FORMAT!r} tag)"
         )
     values = check_dataclass_values(path, "config", get_field(path, ckpt, "config"), DenseConfig)
+    for (
+        key,
+        high,
+    ) in FILE_INT_LIMITS.items():  # sizes a file may ask for: larger ones would only cost time/memory
+        if values.get(key) is not None:
+            check_int(path, f"config.{key}", values[key], 1, high)
     for key in ("backbone_kwargs", "detector_kwargs"):
         if key in values:
             check_architecture_kwargs(path, f"config.{key}", values[key])
@@ -438,11 +451,15 @@ def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dic
         raise ValueError(f"{path}: field config: {' '.join(str(err).split())}") from err
     num_classes = check_int(path, "num_classes", get_field(path, ckpt, "num_classes"), 1, MAX_CLASSES)
     synthetic = check_bool(path, "synthetic", get_field(path, ckpt, "synthetic"))
-    state = get_field(path, ckpt, "model")
-    try:  # the weights come from this file: a backbone checkpoint it names is never opened
-        model = build_dense_model(
-            dataclasses.replace(config, pretrained_backbone=None), num_classes, synthetic
-        )
+    state = check_state_dict(path, "model", get_field(path, ckpt, "model"))
+    # The weights come from this file: a backbone checkpoint it names is never opened.
+    build = functools.partial(
+        build_dense_model, dataclasses.replace(config, pretrained_backbone=None), num_classes, synthetic
+    )
+    # Built on the meta device first: a model larger than the file's weights is refused before any allocation.
+    check_model_fits_weights(build, state, str(path))
+    try:
+        model = build()
     except (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError, AssertionError) as err:
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise ValueError(f"{path}: field config describes no model that can be built ({reason})") from err
