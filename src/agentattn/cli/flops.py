@@ -10,12 +10,16 @@ import timm
 
 from ..io import atomic_write_text
 from ..models._flops import count_flops, count_params
+from .train import parse_model_kwargs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("names", nargs="+", help="registered model names (e.g. agent_deit_tiny_patch16_224)")
     parser.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--model-kwargs", nargs="*", default=None, metavar="KEY=VALUE", help="timm.create_model kwargs"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,9 +39,13 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown model {name!r}; see timm.list_models('agent_*')")
     results = []
     print(f"{'model':36s} {'img':>5s} {'params (M)':>11s} {'GFLOPs':>8s}")
+    extra = parse_model_kwargs(getattr(args, "model_kwargs", None))
     for name in args.names:
-        kwargs = {} if args.img_size is None else {"img_size": args.img_size}
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        kwargs = {**extra, **({} if args.img_size is None else {"img_size": args.img_size})}
+        try:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        except (TypeError, AssertionError) as err:
+            raise ValueError(f"model {name!r} rejects the model kwargs {kwargs}: {err}") from err
         input_size = (
             model.pretrained_cfg["input_size"] if args.img_size is None else (3, args.img_size, args.img_size)
         )

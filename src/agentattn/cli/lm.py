@@ -1,12 +1,12 @@
 """``agentattn lm {train,eval,sample,compare,bench}``: byte-level language modelling with causal agent attention.
 
-agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--out DIR] [--overwrite]
+agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--output DIR] [--overwrite]
 agentattn lm eval --checkpoint DIR/model.safetensors [--split val|test]
 agentattn lm sample --checkpoint FILE --prompt TEXT [--max-new-tokens N] [--temperature T]
-agentattn lm compare [--data ...] [--out runs/<timestamp>] [--overwrite]   (the three twins, report.md)
+agentattn lm compare [--data ...] [--output runs/<timestamp>] [--overwrite]   (the three twins, report.md)
 agentattn lm bench [--json FILE]                             (speed figures: layer forward, decode, state size)
 
-A run directory (``--out``) belongs to one live run; an earlier run's results in it are only replaced with
+A run directory (``--output``, also ``--out``) belongs to one live run; an earlier run's results in it are only replaced with
 ``--overwrite``. Bad input ends with one ``agentattn lm: error: ...`` line and exit code 1.
 """
 
@@ -80,8 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=ATTN_TYPES, required=True)
     _add_model_args(p, {})
     _add_train_args(p, {})
-    p.add_argument("--out", default=None, help="run directory (default runs/lm/<attn>-<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    p.add_argument(
+        "--output",
+        "--out",
+        dest="out",
+        default=None,
+        help="run directory (default runs/lm/<attn>-<timestamp>)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --output"
+    )
 
     p = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
     p.add_argument("--checkpoint", required=True)
@@ -105,8 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("compare", help="train agent / softmax / linear twins on one budget; write a report")
     _add_model_args(p, COMPARE_MODEL)
     _add_train_args(p, COMPARE_TRAIN)
-    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    p.add_argument(
+        "--output", "--out", dest="out", default=None, help="run directory (default runs/<timestamp>)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --output"
+    )
     p.add_argument("--speed-contexts", type=int, nargs="*", default=COMPARE_SPEED_CONTEXTS)
     p.add_argument("--speed-budget-s", type=float, default=0.5, help="timing budget per speed point")
     p.add_argument(

@@ -25,6 +25,7 @@ import argparse
 import sys
 from types import ModuleType
 
+from .. import __version__
 from ..bench import attention as bench_attention
 from ..bench import deploy as bench_deploy
 from ..bench import gpu as bench_gpu
@@ -68,6 +69,7 @@ def _add(subparsers: argparse._SubParsersAction, name: str, module: ModuleType, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentattn", description="Agent Attention tools.")
+    parser.add_argument("--version", action="version", version=f"agentattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module, help_text in COMMANDS:
         _add(commands, name, module, help_text)

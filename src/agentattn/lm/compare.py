@@ -174,7 +174,7 @@ def run_compare(
     """
     out_dir = Path(out_dir)
     with lock_run_directory(out_dir):  # for the run's whole life
-        prepare_output(out_dir, COMPARE_FILES, overwrite, "--out")
+        prepare_output(out_dir, COMPARE_FILES, overwrite, "--output")
         return _run_compare(corpus, model_cfg, train_cfg, out_dir, speed_contexts, attn_types, log, command,
                             speed_budget_s, time_budget_s)  # fmt: skip
 

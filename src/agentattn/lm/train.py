@@ -115,7 +115,7 @@ def train_lm(
         out = Path(out_dir) if out_dir is not None else None
         if out is not None:
             stack.enter_context(lock_run_directory(out))  # for the run's whole life
-            prepare_output(out, RUN_FILES, overwrite, "--out")
+            prepare_output(out, RUN_FILES, overwrite, "--output")
         return _train_lm(model, corpus, cfg, out, log)
 
 
