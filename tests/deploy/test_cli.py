@@ -48,6 +48,20 @@ def test_int8_export_from_a_train_checkpoint_with_eval(fmnist_checkpoint, tmp_pa
     check_graph(out)  # the Agent-PVT graph: no gathers, scatters, bias interpolation or custom ops
 
 
+def test_eval_of_a_fixed_batch_graph(fmnist_checkpoint, tmp_path, capsys):
+    """Without --dynamic-batch the graph takes one batch size: --eval feeds it slices of that size (it crashed in
+    onnxruntime before)."""
+    needs_exporter()
+    out, report = tmp_path / "fixed.onnx", tmp_path / "report.json"
+    args = ["--checkpoint", str(fmnist_checkpoint), "--format", "onnx", "--batch-size", "4", "--eval",
+            "--eval-subset", "10", "--eval-batch-size", "8", "--threads", "2", "--json", str(report)]  # fmt: skip
+    assert _export([FMNIST_MODEL, str(out), *args]) == 0, capsys.readouterr().err
+    accuracies = json.loads(report.read_text())["eval"]["results"]
+    assert set(accuracies) == {"eager fp32", "onnxruntime fp32"}
+    assert all(r["images"] == 10 for r in accuracies.values())
+    assert accuracies["eager fp32"]["top1"] == pytest.approx(accuracies["onnxruntime fp32"]["top1"], abs=10.1)
+
+
 def test_unknown_model_name(tmp_path, capsys):
     assert _export(["agent_nonexistent", str(tmp_path / "m.onnx"), "--format", "onnx"]) == 1
     err = capsys.readouterr().err.strip()

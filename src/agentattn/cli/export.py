@@ -196,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
                     models["onnxruntime fp32"] = fp32_model
                 label = {"onnx": "onnxruntime", "torch-export": "torch.export"}[args.format]
                 models[f"{label} {args.quantize if args.quantize != 'none' else 'fp32'}"] = exported
+                if not args.dynamic_batch:  # graphs of a fixed batch see the test set in batches of that size
+                    models = {
+                        k: v if v is model else _FixedBatch(v, args.batch_size) for k, v in models.items()
+                    }
                 print(f"test accuracy (--data {args.data or spec.data or 'fashion-mnist'}):")
                 report["eval"] = _evaluate(models, args, spec)
         if args.json:
@@ -207,6 +211,24 @@ def run(args: argparse.Namespace) -> int:
         if tmp_fp32 is not None:
             tmp_fp32.unlink(missing_ok=True)
     return 0
+
+
+class _FixedBatch(nn.Module):
+    """Runs a graph exported for a fixed batch on any batch: slices of ``batch`` images, the last one padded
+    with zeros (its padding rows are dropped from the output)."""
+
+    def __init__(self, graph: nn.Module, batch: int) -> None:
+        super().__init__()
+        self.graph, self.batch = graph, batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) for any B → (B, num_classes)."""
+        outputs = []
+        for part in x.split(self.batch):
+            short = self.batch - part.shape[0]
+            padded = torch.cat([part, part.new_zeros(short, *part.shape[1:])]) if short else part
+            outputs.append(self.graph(padded)[: part.shape[0]])
+        return torch.cat(outputs)
 
 
 class _Program(nn.Module):
