@@ -106,7 +106,7 @@ BACKENDS = {
 def as_on_cuda(monkeypatch):
     """Take the op's CUDA branches on CPU: fully masked rows patched without looking first, and the NaN term of
     the SDPA path added (which the zeroing of the output rows then shares)."""
-    monkeypatch.setattr(agent_module, "_check_rows_first", lambda q: False)
+    monkeypatch.setattr(agent_module, "check_rows_first", lambda q: False)
     monkeypatch.setattr(agent_module, "_may_hold_nan", lambda q, query_mask: True)
 
 

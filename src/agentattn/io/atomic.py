@@ -61,8 +61,8 @@ def _failed(path: Path, err: BaseException) -> OSError:
 
 
 def _fdopen(fd: int, mode: str) -> IO[Any]:
-    """``os.fdopen``; a seam for tests that simulate a full disk."""
-    return os.fdopen(fd, mode)
+    """``os.fdopen`` (UTF-8 for text); a seam for tests that simulate a full disk."""
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
 @contextlib.contextmanager
@@ -119,7 +119,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     with atomic_path(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | _NOFOLLOW | _CLOEXEC)
         try:
-            f = _fdopen(fd, mode) if mode == "wb" else os.fdopen(fd, "w", encoding="utf-8")
+            f = _fdopen(fd, mode)
         except BaseException:
             os.close(fd)
             raise

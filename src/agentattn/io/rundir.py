@@ -13,12 +13,11 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic import remove_stale_temp_files
+from .atomic import _NOFOLLOW, remove_stale_temp_files
 
 __all__ = ["LOCK_NAME", "RunDirectoryInUse", "lock_run_directory", "run_directory_holder"]
 
 LOCK_NAME = ".agentattn.lock"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class RunDirectoryInUse(OSError):

@@ -45,3 +45,12 @@ def fully_masked_rows(mask: torch.Tensor | None, check_first: bool) -> torch.Ten
     if check_first and not bool(dead.any()):
         return None
     return dead
+
+
+def check_rows_first(x: torch.Tensor) -> bool:
+    """Whether to look for fully masked rows before paying for them (see :func:`fully_masked_rows`): on CPU, where a
+    look costs no device sync, and not in a compiled, exported or traced call, where a data-dependent branch would
+    break or be baked into the graph. Elsewhere they are always patched."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False
+    return x.device.type == "cpu"

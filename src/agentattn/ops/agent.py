@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_agent
-from ._masked_rows import fully_masked_rows
+from ._masked_rows import check_rows_first, fully_masked_rows
 from ._validation import check_agent_attention_args
 
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "matmul", "triton")
@@ -132,7 +132,7 @@ def agent_attention(
         return out
     # Fully masked rows (-inf throughout) are unmasked for the kernels (a softmax over nothing is NaN in the output
     # or in the gradient, depending on the kernel and the torch version) and their output rows multiplied by 0.
-    check_first = _check_rows_first(q)
+    check_first = check_rows_first(q)
     dead1 = fully_masked_rows(mask1, check_first)  # (B|1, H|1, n|1, 1) or None
     dead2 = fully_masked_rows(mask2, check_first)  # (B|1, H|1, N|1, 1) or None
     if dead1 is not None:
@@ -157,15 +157,6 @@ def agent_attention(
     elif nan_term is not None:
         out = out + nan_term
     return out
-
-
-def _check_rows_first(q: torch.Tensor) -> bool:
-    """Whether to look for fully masked rows before paying for them (see ``fully_masked_rows``): on CPU, where a
-    look costs no device sync, and not in a compiled, exported or traced call, where a data-dependent branch would
-    break or be baked into the graph. Elsewhere they are always patched."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return False
-    return q.device.type == "cpu"
 
 
 def _may_hold_nan(q: torch.Tensor, query_mask: torch.Tensor | None) -> bool:

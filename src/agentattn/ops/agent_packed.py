@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._masked_rows import fully_masked_rows
+from ._masked_rows import check_rows_first, fully_masked_rows
 
 __all__ = ["agent_attention_packed", "packed_path_applies"]
 
@@ -157,7 +157,7 @@ class _PackedAgentAttention(torch.autograd.Function):
         agents = F.adaptive_avg_pool2d(q_map, agent_grid).flatten(2).transpose(1, 2).contiguous()  # (B, n, C)
         out = qkv.new_empty(q.shape)
         # Fully masked bias rows: 0 for the softmax, whose row is then multiplied by 0 (NaN in -> NaN out).
-        check_first = qkv.device.type == "cpu"
+        check_first = check_rows_first(qkv)
         dead1, dead2 = fully_masked_rows(bias1, check_first), fully_masked_rows(bias2, check_first)
         keep1 = None if dead1 is None else dead1.logical_not().to(qkv.dtype)  # (1, h, n, 1)
         keep2 = None if dead2 is None else dead2.logical_not().to(qkv.dtype)  # (1, h, N, 1)

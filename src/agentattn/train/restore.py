@@ -17,6 +17,7 @@ from ..io import quote
 from ..models._checkpoint import load_checkpoint, safe_torch_load
 from ..models.record import check_model_fits_weights, read_model_record
 from .loop import CHECKPOINT_FORMAT, build_model
+from .record_checks import check_state_dict
 
 BUILTIN_DATA = ("fashion-mnist",)
 
@@ -49,10 +50,8 @@ def read_checkpoint(
             state = obj.get(key)
             if state is None and use_ema:
                 raise ValueError(f"{path}: the run had no EMA (--ema-decay 0); drop --ema")
-            if not _is_weights(state):
-                raise ValueError(
-                    f"{path}: its {key!r} entry is a {type(state).__name__}, not a state dict of tensors"
-                )
+            if not check_state_dict(path, key, state):
+                raise ValueError(f"{path}: field {key} is an empty state dict")
             record: dict[str, Any] = dict(read_model_record(obj, str(path)))
             config = obj.get("config")
             if not isinstance(config, dict):
@@ -75,14 +74,6 @@ def read_checkpoint(
             record["class_names"] = list(names)
             return dict(state), record
     return load_checkpoint(path, use_ema=use_ema), {}
-
-
-def _is_weights(state: Any) -> bool:
-    return (
-        isinstance(state, dict)
-        and bool(state)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
-    )
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, name: str) -> None:
