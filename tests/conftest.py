@@ -64,9 +64,26 @@ def _nan_filled_empty(monkeypatch):
             t.fill_(float("nan"))
         return t
 
+    # torch caches its table of factory functions for `with torch.device(...)` on first use: fill it with the
+    # real torch.empty first, or meta-device construction inside the test would not reach the wrapped one.
+    torch.utils._device._device_constructors()
     monkeypatch.setattr(torch, "empty", empty_nan)
     yield
     monkeypatch.undo()
     # torch caches its table of factory functions for `with torch.device(...)`; one built while the wrapper
     # was active would stop meta-device construction from working in later tests.
     torch.utils._device._device_constructors.cache_clear()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
+
+
+@pytest.hookimpl(trylast=True)  # after tests/timm_upstream/conftest.py has marked its slow runs
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)

@@ -20,6 +20,11 @@ for module in pkgutil.walk_packages(agentattn.__path__, "agentattn."):
     if module.name != "agentattn.__main__":
         importlib.import_module(module.name)
 assert (where.parent / "py.typed").exists(), "py.typed missing from the wheel"
+import _agentattn_cli  # noqa: E402  (the console script's launcher, a top-level module of the wheel)
+
+assert Path(sys.prefix).resolve() in Path(_agentattn_cli.__file__).resolve().parents, (
+    "launcher not in the wheel"
+)
 
 from agentattn.layers import AgentAttention  # noqa: E402
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +17,31 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"agentattn {agentattn.__version__}"
+
+
+def test_top_level_help_and_version_do_not_import_torch():
+    """The console script answers --help / --version without torch or timm (they take seconds to import)."""
+    probe = (
+        "import sys, contextlib, io, _agentattn_cli\n"
+        "for argv in (['--help'], ['--version']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+        "        _agentattn_cli.main(argv)\n"
+        "    print(out.getvalue())\n"
+        "print('heavy:', sorted(m for m in ('torch', 'timm', 'agentattn') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "heavy: []" in out
+    for name, _, _ in __import__("_agentattn_cli").COMMANDS:
+        assert f"    {name} " in out  # every command listed
+    assert f"agentattn {agentattn.__version__}" in out
+
+
+def test_command_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["lm", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--d-model D_MODEL (default: 128)" in text and "(default: 16)" in text
 
 
 @pytest.mark.parametrize("command", [["train", "--attn", "agent"], ["compare"]])

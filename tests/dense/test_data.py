@@ -114,10 +114,18 @@ def test_bad_data_specs(tmp_path):
 
 
 def test_lr_schedule_follows_steps_or_the_time_limit():
-    from agentattn.dense.engine import _lr_factor
+    """timm's MultiStepLRScheduler in mmdet's 1x shape, moved on by the time limit when that is further."""
+    from agentattn.dense.engine import _schedule_position, mmdet_1x_scheduler
 
-    assert _lr_factor(0, 120, 10) == pytest.approx(0.001)
-    assert _lr_factor(10, 120, 10) == 1.0
-    assert _lr_factor(80, 120, 10) == pytest.approx(0.1)
-    assert _lr_factor(110, 120, 10) == pytest.approx(0.01)
-    assert _lr_factor(20, 120, 10, progress=0.7) == pytest.approx(0.1)  # time limit 70 % spent
+    def lr_at(step: int, progress: float | None = None) -> float:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = mmdet_1x_scheduler(optimizer, total=120, warmup=10)
+        scheduler.step_update(_schedule_position(step, 120, 10, progress))
+        return optimizer.param_groups[0]["lr"]
+
+    assert lr_at(0) == pytest.approx(0.001)
+    assert lr_at(10) == 1.0
+    assert lr_at(80) == pytest.approx(0.1)
+    assert lr_at(110) == pytest.approx(0.01)
+    assert lr_at(20, progress=0.7) == pytest.approx(0.1)  # time limit 70 % spent
+    assert lr_at(5, progress=0.7) == pytest.approx(0.001 + 0.999 * 5 / 10)  # warm-up follows the steps

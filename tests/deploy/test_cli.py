@@ -62,6 +62,15 @@ def test_eval_of_a_fixed_batch_graph(fmnist_checkpoint, tmp_path, capsys):
     assert accuracies["eager fp32"]["top1"] == pytest.approx(accuracies["onnxruntime fp32"]["top1"], abs=10.1)
 
 
+def test_a_file_name_that_does_not_match_the_format_is_warned_about(fmnist_checkpoint, tmp_path, capsys):
+    needs_exporter()
+    out = tmp_path / "model.txt"
+    args = ["--checkpoint", str(fmnist_checkpoint), "--format", "onnx", "--batch-size", "2", "--threads", "2"]
+    assert _export([FMNIST_MODEL, str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert f"{out} does not end in .onnx" in err and out.stat().st_size > 0
+
+
 def test_unknown_model_name(tmp_path, capsys):
     assert _export(["agent_nonexistent", str(tmp_path / "m.onnx"), "--format", "onnx"]) == 1
     err = capsys.readouterr().err.strip()

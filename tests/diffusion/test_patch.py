@@ -193,3 +193,32 @@ def test_full_size_configs_pick_the_top_attention_level(config, top, blocks, mon
     assert patch_stats(unet)["blocks"] == blocks
     assert patch_options(unet)["max_downsample"] == top
     remove_patch(unet)
+
+
+@pytest.mark.parametrize("how", ["set_attn_processor", "one_layer"])
+def test_replacing_the_processors_turns_the_patch_off_truthfully(sd_unet, how):
+    """diffusers' own processor API after apply_patch: the UNet runs unpatched, and the state says so."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    inputs = unet_inputs(TINY_SD_UNET)
+    before = run_unet(sd_unet, inputs)
+    apply_patch(sd_unet, merge_mlp=True)  # the feed-forward hooks must stop merging too
+    assert not torch.equal(run_unet(sd_unet, inputs), before)
+    if how == "set_attn_processor":
+        sd_unet.set_attn_processor(AttnProcessor2_0())
+    else:
+        name = next(
+            n for n, p in sd_unet.attn_processors.items() if type(p).__name__ == "AgentSDAttnProcessor"
+        )
+        sd_unet.get_submodule(name.removesuffix(".processor")).set_processor(AttnProcessor2_0())
+
+    assert torch.equal(run_unet(sd_unet, inputs), before)  # nothing merged, no agent path
+    with pytest.warns(RuntimeWarning, match="processors were replaced"):
+        assert not is_patched(sd_unet)
+    assert not sd_unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in sd_unet.modules())
+    assert "AgentSDAttnProcessor" not in _processors(sd_unet).values()
+    with pytest.raises(RuntimeError, match="not patched"):
+        patch_stats(sd_unet)
+    apply_patch(sd_unet)  # and it can be applied again, around the new processors
+    assert is_patched(sd_unet) and not torch.equal(run_unet(sd_unet, inputs), before)
+    remove_patch(sd_unet)

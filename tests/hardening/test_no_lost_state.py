@@ -218,7 +218,7 @@ TIMING = {"time_s", "img_per_s", "epoch_time_s"}
 
 def _command(out: Path) -> list[str]:
     # A kill before the first checkpoint leaves logs without a checkpoint: the documented way on is --overwrite.
-    again = ["--resume"] if (out / "last.pth").exists() or not out.exists() else ["--overwrite"]
+    again = ["--resume"] if (out / "last.pth").exists() else ["--overwrite"] if out.exists() else []
     return [PYTHON, "-m", "agentattn.cli.train", *TINY_CLI, "--output", str(out), "--epochs", "2",
             "--batch-size", "16", "--train-subset", "64", "--eval-subset", "16", "--seed", "5", "--deterministic",
             "--ckpt-every-steps", "1", "--ema-decay", "0.9", "--mixup", "0.8", "--no-progress", *again]  # fmt: skip

@@ -358,3 +358,26 @@ def test_resume_refuses_a_symlinked_log_and_leaves_its_target(base_run, cached_d
     assert f"{out / 'metrics.jsonl'} is a symlink" in err
     assert target.read_text() == "precious\n" * 100
     assert (out / "metrics.csv").read_bytes() == (base_run / "metrics.csv").read_bytes()  # not cut either
+
+
+@needs_fashion_mnist
+def test_resume_with_nothing_to_resume_is_refused_and_leaves_no_directory(tmp_path):
+    out = tmp_path / "never-ran"
+    err = _fails([*TRAIN, "--output", out, "--max-steps", "1", "--resume"]).stderr
+    assert "nothing to resume" in err and str(out / "last.pth") in err
+    assert not out.exists()
+    run_cli([*TRAIN, "--output", out, "--max-steps", "1", "--resume", "--overwrite"])  # start-or-continue
+    assert load_training_checkpoint(out / "last.pth")["global_step"] == 1
+
+
+@needs_fashion_mnist
+def test_progress_bars_end_where_the_run_stops(tmp_path, capsys):
+    """train's bar ends at --max-steps (it showed the whole epoch); lm train shows a bar, not only log lines."""
+    from agentattn.cli.main import main
+
+    train = [a for a in TRAIN if a != "--no-progress"]
+    assert main([*train, "--output", str(tmp_path / "t"), "--max-steps", "1"]) == 0
+    assert "1/1 " in capsys.readouterr().err  # 2 steps per epoch, stopped after 1
+    assert main(["lm", "train", "--attn", "agent", *LM_TINY, "--data", f"textfile:{_text(tmp_path)}",
+                 "--output", str(tmp_path / "lm")]) == 0  # fmt: skip
+    assert "lm train (agent): 100%" in capsys.readouterr().err

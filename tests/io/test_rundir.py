@@ -56,3 +56,21 @@ def test_a_symlinked_lock_file_is_refused(tmp_path):
     with pytest.raises(OSError), lock_run_directory(run):
         pass
     assert victim.read_text() == "keep"
+
+
+def test_a_rejected_run_leaves_no_directory_it_created(tmp_path):
+    fresh, existing = tmp_path / "a" / "fresh", tmp_path / "existing"
+    existing.mkdir()
+    for directory in (fresh, existing):
+        with pytest.raises(ValueError, match="rejected"), lock_run_directory(directory):
+            raise ValueError("rejected")
+    assert not fresh.exists()  # created by the run and empty: removed
+    assert existing.is_dir()  # the user's directory stays
+    with lock_run_directory(fresh):  # a run that succeeds keeps its directory
+        pass
+    assert fresh.is_dir()
+    other = tmp_path / "written"
+    with pytest.raises(ValueError), lock_run_directory(other):
+        (other / "result.json").write_text("{}")
+        raise ValueError("failed after writing")
+    assert (other / "result.json").exists()  # results are never removed

@@ -77,7 +77,16 @@ def test_uniform_model_scores_8_bits_per_byte():
 
 def test_train_config_schedule():
     cfg = LMTrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
-    assert cfg.lr_at(0) == pytest.approx(0.1) and cfg.lr_at(9) == pytest.approx(1.0)
-    assert cfg.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = cfg.scheduler(optimizer)  # timm's CosineLRScheduler
+
+    def lr_at(step: int) -> float:
+        scheduler.step_update(step)
+        return optimizer.param_groups[0]["lr"]
+
+    assert (
+        lr_at(0) == pytest.approx(0.1) and lr_at(5) == pytest.approx(0.55) and lr_at(10) == pytest.approx(1.0)
+    )
+    assert lr_at(55) == pytest.approx(0.55) and lr_at(99) == pytest.approx(0.1, abs=1e-3)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         LMTrainConfig(steps=0)

@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dense_command", required=True)
     S = argparse.SUPPRESS
 
-    train = sub.add_parser("train", help="train a detector or segmenter, then evaluate it")
+    train = sub.add_parser(
+        "train",
+        formatter_class=parser.formatter_class,
+        help="train a detector or segmenter, then evaluate it",
+    )
     add = train.add_argument
     add("--task", choices=["det", "seg"], default=S)
     add("--kind", default=S, help="maskrcnn (default), fasterrcnn, retinanet; seg: fpn (default), upernet")
@@ -85,14 +89,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--overwrite", action="store_true", default=S, help="replace the results of an earlier run in OUTPUT")
     add("--no-progress", dest="progress", action="store_false", default=S)
 
-    ev = sub.add_parser("eval", help="evaluate a model.pth written by dense train")
+    ev = sub.add_parser(
+        "eval", formatter_class=parser.formatter_class, help="evaluate a model.pth written by dense train"
+    )
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", default=None, help="default: synthetic, if the run trained on it")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", default=None, help="also write the metrics to this file")
+    ev.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
-    cmp = sub.add_parser("compare", help="params, FLOPs and latency: agent backbone vs its softmax twin")
+    cmp = sub.add_parser(
+        "compare",
+        formatter_class=parser.formatter_class,
+        help="params, FLOPs and latency: agent backbone vs its softmax twin",
+    )
     cmp.add_argument("--kind", default="maskrcnn", choices=["maskrcnn", "fasterrcnn", "retinanet"])
     cmp.add_argument("--backbone", default="agent_pvt_tiny_224")
     cmp.add_argument("--twin-attn-type", default="BBBB", help="attn_type of the softmax twin")
@@ -143,9 +154,11 @@ def _eval(args: argparse.Namespace) -> int:
     model.to(device)
     with torch.no_grad():
         if config.task == "det":
-            metrics = evaluate_detection(model, data.val, args.batch_size, device)
+            metrics = evaluate_detection(model, data.val, args.batch_size, device, progress=args.progress)
         else:
-            metrics = evaluate_segmentation(model, data.val, data.num_classes, args.batch_size, device)
+            metrics = evaluate_segmentation(
+                model, data.val, data.num_classes, args.batch_size, device, progress=args.progress
+            )
     print(json.dumps(metrics, indent=1))
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics, indent=1) + "\n")

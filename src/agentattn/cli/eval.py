@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", choices=["none", "bf16"], default="none")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def format_confusion(confusion: torch.Tensor, names: list[str]) -> str:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         device = _resolve_device(args.device, 0)
         loader = DataLoader(data.eval, batch_size=args.batch_size)
         amp = torch.bfloat16 if args.amp == "bf16" else None
-        result = evaluate(model.to(device), loader, device, data.num_classes, amp)
+        result = evaluate(model.to(device), loader, device, data.num_classes, amp, progress=args.progress)
     except (ValueError, OSError) as err:
         print(f"agentattn eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1

@@ -43,6 +43,7 @@ from ..io import atomic_write_text
 from .train import parse_model_kwargs
 
 FORMATS = ("onnx", "torch-export")
+SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2"}  # what onnxruntime / torch.export.load users expect
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
     tmp_fp32: Path | None = None
     try:
         _check_options(args)
+        expected = SUFFIXES[args.format]
+        if out.suffix != expected:
+            print(
+                f"agentattn export: warning: {out} does not end in {expected}; writing {args.format} there anyway",
+                file=sys.stderr,
+            )
         if args.threads:
             torch.set_num_threads(args.threads)
         model, spec = load_model(

@@ -71,12 +71,15 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="lm_command", required=True)
 
-    p = sub.add_parser("train", help="train one model, report val bits per byte")
+    p = sub.add_parser(
+        "train", formatter_class=parser.formatter_class, help="train one model, report val bits per byte"
+    )
     p.add_argument("--attn", choices=ATTN_TYPES, required=True)
     _add_model_args(p, {})
     _add_train_args(p, {})
@@ -91,17 +94,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace the results of an earlier run in --output"
     )
 
-    p = sub.add_parser("eval", help="bits per byte of a checkpoint on a split")
+    p = sub.add_parser(
+        "eval", formatter_class=parser.formatter_class, help="bits per byte of a checkpoint on a split"
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default="kjv")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--split", choices=["train", "val", "test"], default="val")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default max_seq_len)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
 
-    p = sub.add_parser("sample", help="stream a continuation of a prompt")
+    p = sub.add_parser(
+        "sample", formatter_class=parser.formatter_class, help="stream a continuation of a prompt"
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -110,7 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
 
-    p = sub.add_parser("compare", help="train agent / softmax / linear twins on one budget; write a report")
+    p = sub.add_parser(
+        "compare",
+        formatter_class=parser.formatter_class,
+        help="train agent / softmax / linear twins on one budget; write a report",
+    )
     _add_model_args(p, COMPARE_MODEL)
     _add_train_args(p, COMPARE_TRAIN)
     p.add_argument(
@@ -128,7 +140,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cap --steps (equally for all twins) so that the run fits in this many minutes; 0 = no cap",
     )
 
-    p = sub.add_parser("bench", help="speed figures: layer forward, decode latency, state size, crossover")
+    p = sub.add_parser(
+        "bench",
+        formatter_class=parser.formatter_class,
+        help="speed figures: layer forward, decode latency, state size, crossover",
+    )
     p.add_argument("--layer-contexts", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 512, 2048, 8192])
     p.add_argument("--d-model", type=int, default=256)
@@ -186,7 +202,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _log(
         f"{args.attn}: {model.num_params():,} params, data {args.data} ({corpus.train.numel():,} train bytes)"
     )
-    result = train_lm(model, corpus, train_cfg, out, _log, overwrite=args.overwrite)
+    result = train_lm(
+        model, corpus, train_cfg, out, _log, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print(f"val bpb {result['val_bpb']:.4f}  checkpoint {out / 'model.safetensors'}")
     return 0
 
@@ -197,7 +215,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or model.config.max_seq_len
     if seq_len < 1 or seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, {model.config.max_seq_len}], got {seq_len}")
-    bpb = evaluate_bpb(model, corpus.split(args.split), seq_len, args.batch_size, args.max_batches)
+    bpb = evaluate_bpb(
+        model,
+        corpus.split(args.split),
+        seq_len,
+        args.batch_size,
+        args.max_batches,
+        progress=not args.no_progress,
+    )
     print(f"{args.split} bpb {bpb:.4f}  ({model.config.attn_type}, {args.data})")
     return 0
 
@@ -244,6 +269,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         speed_budget_s=args.speed_budget_s,
         time_budget_s=args.time_budget_min * 60 or None,
         overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     for t, bpb in summary["val_bpb"].items():
         print(f"{t:8s} val bpb {bpb:.4f}")

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from ..io import atomic_write_text, lock_run_directory, open_log
 from ..models._checkpoint import safe_torch_load
@@ -221,7 +223,11 @@ def _coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str)
 
 @torch.no_grad()
 def evaluate_detection(
-    model: nn.Module, dataset, batch_size: int = 8, device: torch.device | None = None
+    model: nn.Module,
+    dataset,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """COCO box (and, for Mask R-CNN, mask) AP of ``model`` on ``dataset`` through pycocotools.
 
@@ -234,7 +240,10 @@ def evaluate_detection(
     boxes_out, masks_out = [], []
     has_masks = False
     try:
-        for images, targets in _loader(dataset, batch_size, False, "det", 0, 0):
+        batches = _loader(dataset, batch_size, False, "det", 0, 0)
+        for images, targets in tqdm(
+            batches, desc="eval", disable=not progress, dynamic_ncols=True, leave=False
+        ):
             outputs = model([im.to(device) for im in images])
             for target, out in zip(targets, outputs, strict=True):
                 image_id = int(target["image_id"])
@@ -259,7 +268,12 @@ def evaluate_detection(
 
 @torch.no_grad()
 def evaluate_segmentation(
-    model: nn.Module, dataset, num_classes: int, batch_size: int = 8, device: torch.device | None = None
+    model: nn.Module,
+    dataset,
+    num_classes: int,
+    batch_size: int = 8,
+    device: torch.device | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """mIoU and mAcc (mmseg: per-class IoU / accuracy, NaN for classes absent from the labels, nan-mean).
 
@@ -271,7 +285,10 @@ def evaluate_segmentation(
     hist = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     try:
         same_size = getattr(dataset, "split", "") != "val" or not hasattr(dataset, "label_dir")
-        for images, labels in _loader(dataset, batch_size if same_size else 1, False, "seg", 0, 0):
+        batches = _loader(dataset, batch_size if same_size else 1, False, "seg", 0, 0)
+        for images, labels in tqdm(
+            batches, desc="eval", disable=not progress, dynamic_ncols=True, leave=False
+        ):
             logits = model(images.to(device))
             if logits.shape[-2:] != labels.shape[-2:]:
                 logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
@@ -295,16 +312,27 @@ def evaluate_segmentation(
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
-def _lr_factor(step: int, total: int, warmup: int, progress: float | None = None) -> float:
-    """Linear warmup from 0.001, then ×0.1 at 8/12 and 11/12 of the run (mmdet 1x).
+def mmdet_1x_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> MultiStepLRScheduler:
+    """timm's step scheduler in mmdet's 1x shape: linear warm-up from 0.001·lr over ``warmup`` steps, then ×0.1
+    at 8/12 and 11/12 of ``total`` steps. Call ``step_update(num_updates)`` before each step."""
+    return MultiStepLRScheduler(
+        optimizer,
+        decay_t=[round(total * 8 / 12), round(total * 11 / 12)],
+        decay_rate=0.1,
+        warmup_t=warmup,
+        warmup_lr_init=0.001 * optimizer.param_groups[0]["lr"],
+        warmup_prefix=False,  # the decay points count from step 0, warm-up included
+        t_in_epochs=False,
+    )
 
-    ``progress`` (0 … 1, e.g. the elapsed share of a time limit) replaces ``step / total`` when larger, so that a
-    run cut by ``--time-limit-min`` still goes through both decays.
-    """
-    if step < warmup:
-        return 0.001 + (1 - 0.001) * step / warmup
-    done = max(step / total, progress or 0.0)
-    return 0.1 ** ((done >= 8 / 12) + (done >= 11 / 12))
+
+def _schedule_position(step: int, total: int, warmup: int, progress: float | None) -> int:
+    """The step the schedule is at: the step itself, or past warm-up the elapsed share of a time limit
+    (``progress``, 0 … 1) of ``total`` when larger, so that a run cut by ``--time-limit-min`` still goes through
+    both decays."""
+    if step < warmup or progress is None:
+        return step
+    return max(step, int(progress * total))
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -348,15 +376,16 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
     )
     loader = _loader(data.train, config.batch_size, True, config.task, config.num_workers, config.seed)
     total = config.max_steps or config.epochs * len(loader)
+    scheduler = mmdet_1x_scheduler(optimizer, total, config.warmup_steps)
+    limit_s = config.time_limit_min * 60 if config.time_limit_min is not None else None
     start, step, epoch = time.perf_counter(), 0, 0
     stopped_early = False
+    bar = tqdm(total=total, desc=f"{config.task} train", disable=not config.progress, dynamic_ncols=True)
     model.train()
     while step < total and not stopped_early:
         for batch in loader:
-            for group in optimizer.param_groups:
-                limit = config.time_limit_min
-                progress = (time.perf_counter() - start) / (limit * 60) if limit else None
-                group["lr"] = config.lr * _lr_factor(step, total, config.warmup_steps, progress)
+            progress = (time.perf_counter() - start) / limit_s if limit_s else None
+            scheduler.step_update(_schedule_position(step, total, config.warmup_steps, progress))
             if config.task == "det":
                 images = [im.to(device) for im in batch[0]]
                 targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
@@ -379,20 +408,27 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
             record = {"kind": "step", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                       "loss": loss.item(), **{k: v.item() for k, v in losses.items()}, "time_s": elapsed}  # fmt: skip
             _append_jsonl(log, record)
-            if config.progress and (step % 10 == 0 or step == 1):
-                print(f"step {step}/{total} loss {loss.item():.4f} ({elapsed:.0f} s)", flush=True)
+            if limit_s:  # the bar ends where the time limit will stop the run, not at the step budget
+                bar.total = min(total, max(step, round(step * limit_s / max(elapsed, 1e-9))))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{record['lr']:.2e}")
             if step >= total:
                 break
-            if config.time_limit_min is not None and elapsed > config.time_limit_min * 60:
+            if limit_s is not None and elapsed > limit_s:
                 stopped_early = True
                 break
         epoch += 1
+    bar.close()
+    if stopped_early and config.progress:
+        print(f"stopped by the {config.time_limit_min:g}-minute time limit after {step} of {total} steps")
     train_time = time.perf_counter() - start
     t0 = time.perf_counter()
     if config.task == "det":
-        metrics = evaluate_detection(model, data.val, config.batch_size, device)
+        metrics = evaluate_detection(model, data.val, config.batch_size, device, progress=config.progress)
     else:
-        metrics = evaluate_segmentation(model, data.val, data.num_classes, config.batch_size, device)
+        metrics = evaluate_segmentation(
+            model, data.val, data.num_classes, config.batch_size, device, progress=config.progress
+        )
     result = {
         **metrics,
         "steps": step,

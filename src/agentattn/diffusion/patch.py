@@ -16,6 +16,7 @@ what it computed before (bit for bit).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -59,6 +60,11 @@ class _PatchState:
         self.handles: list[Any] = []
         self.blocks: list[BlockState] = []
         self.processors: list[AgentSDAttnProcessor] = []
+        self.installed: list[tuple[nn.Module, AgentSDAttnProcessor]] = []  # (attention module, our processor)
+
+    def intact(self) -> bool:
+        """Whether every processor the patch installed is still in place (``set_attn_processor`` replaces them)."""
+        return all(getattr(module, "processor", None) is proc for module, proc in self.installed)
 
 
 def _unet_of(pipe_or_unet: Any) -> nn.Module:
@@ -218,6 +224,8 @@ def apply_patch(
     def record_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         state.size = (sample.shape[-2], sample.shape[-1])
+        if not state.intact():  # processors replaced: no merging either, the UNet runs as without the patch
+            state.size = None
 
     state.handles.append(unet.register_forward_pre_hook(record_size, with_kwargs=True))
     for block, ds in selected:
@@ -231,6 +239,7 @@ def apply_patch(
             proc = AgentSDAttnProcessor(attn.processor, bs, use_agents, k_scale2, k_shortcut, attn_precision)
             attn.set_processor(proc)
             state.processors.append(proc)
+            state.installed.append((attn, proc))
         if merge_mlp:
             _hook_ff(state, block.ff, bs)
     setattr(unet, _STATE_ATTR, state)
@@ -275,13 +284,31 @@ def remove_patch(pipe_or_unet: Any) -> Any:
     return pipe_or_unet
 
 
+def _live_state(unet: nn.Module) -> _PatchState | None:
+    """The patch state, or None. A patch whose processors were replaced (``unet.set_attn_processor(...)``, or
+    ``set_processor`` on one attention layer) is no longer in effect: it is removed here, with a warning, so that
+    :func:`is_patched`, :func:`patch_options` and :func:`patch_stats` never describe a patch that does not run."""
+    state = unet.__dict__.get(_STATE_ATTR)
+    if state is None or state.intact():
+        return state
+    warnings.warn(
+        "AgentSD's attention processors were replaced (set_attn_processor / set_processor), so AgentSD was not "
+        "running: the rest of the patch is removed now. Call apply_patch again to use AgentSD with the new "
+        "processors.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    remove_patch(unet)
+    return None
+
+
 def is_patched(pipe_or_unet: Any) -> bool:
-    """Whether :func:`apply_patch` is in effect."""
-    return _STATE_ATTR in _unet_of(pipe_or_unet).__dict__
+    """Whether :func:`apply_patch` is in effect (False once its processors were replaced, see ``_live_state``)."""
+    return _live_state(_unet_of(pipe_or_unet)) is not None
 
 
 def _state(pipe_or_unet: Any) -> _PatchState:
-    state = _unet_of(pipe_or_unet).__dict__.get(_STATE_ATTR)
+    state = _live_state(_unet_of(pipe_or_unet))
     if state is None:
         raise RuntimeError(
             "this UNet is not patched with AgentSD (call agentattn.diffusion.apply_patch first)"

@@ -2,7 +2,8 @@
 
 A second run into the same directory fails at once with an error naming the directory and the holder's PID.
 The lock is released by the kernel when the holder exits, however it exits, so a killed run never leaves the
-directory locked. The lock file itself stays (removing it would race with a run that is just opening it).
+directory locked. The lock file itself stays (removing it would race with a run that is just opening it), except
+in a directory the run created and left empty because it failed: a rejected run leaves no empty directory.
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ def lock_run_directory(directory: str | os.PathLike) -> Iterator[Path]:
         OSError: the directory cannot be created or locked.
     """
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     fd = _open_lock(directory)
+    failed = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,6 +82,22 @@ def lock_run_directory(directory: str | os.PathLike) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         remove_stale_temp_files(directory)
-        yield directory
+        try:
+            yield directory
+        except BaseException:
+            failed = True
+            raise
     finally:
+        if failed and created:
+            _remove_if_only_the_lock(
+                directory
+            )  # still locked: a run that opened the lock file meanwhile fails
         os.close(fd)  # releases the lock
+
+
+def _remove_if_only_the_lock(directory: Path) -> None:
+    """Remove the lock file and the directory when nothing else is in it (best effort, never raises)."""
+    with contextlib.suppress(OSError):
+        if [entry.name for entry in os.scandir(directory)] == [LOCK_NAME]:
+            os.unlink(directory / LOCK_NAME)
+            os.rmdir(directory)

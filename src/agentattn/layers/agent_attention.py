@@ -13,13 +13,16 @@ official state dict loads with ``load_state_dict(sd, strict=True)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 
 from ..ops import agent_attention
 from ..ops.agent_packed import agent_attention_packed, packed_path_applies
+from ..ops.tracing import is_tracing
 from .agent_bias import agent_biases, agent_grid_for, init_agent_bias_parameters, to_2tuple_grid
 
 
@@ -42,22 +45,41 @@ def _pool_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tenso
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
+def _rank5_tolerant(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` for ``_apply``, retried on a rank-4 view for 5-D tensors that refuse a 4-D memory format."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        try:
+            return fn(t)
+        except RuntimeError as error:
+            if t.dim() != 5 or "channels_last" not in str(error):
+                raise
+            return fn(t.flatten(0, 1)).reshape(t.shape)
+
+    return apply
+
+
 def adaptive_avg_pool2d(x: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
     """``F.adaptive_avg_pool2d`` of (B, C, H, W) → (B, C, rows, cols); export-friendly under torch.export.
 
-    When exporting (torch.export, hence ONNX), a grid that divides the map becomes one AveragePool and any other
-    grid two matmuls with constant averaging matrices, instead of the index gathers the generic decomposition
-    emits. Eager mode always calls the PyTorch kernel.
+    When exporting (torch.export, torch.jit.trace, hence both ONNX exporters), a grid that divides the map becomes
+    one AveragePool and any other grid two matmuls with constant averaging matrices, instead of the index gathers
+    the generic decomposition emits (which the legacy ONNX exporter refuses). Eager mode calls the PyTorch kernel.
     """
-    if not torch.compiler.is_exporting():
+    if not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
         return F.adaptive_avg_pool2d(x, output_size)
-    (height, width), (rows, cols) = x.shape[-2:], output_size
+    (height, width), (rows, cols) = (
+        (int(s) for s in x.shape[-2:]),
+        output_size,
+    )  # a trace is fixed to its grid
     if height % rows == 0 and width % cols == 0:
         kernel = (height // rows, width // cols)
         return F.avg_pool2d(x, kernel, stride=kernel)
     return _pool_matrix(height, rows, x) @ x @ _pool_matrix(width, cols, x).T  # (B, C, rows, cols)
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class AgentAttentionBase(nn.Module):
     """Shared machinery: bias parameters, agent pooling, the op call and the DWC term.
 
@@ -107,6 +129,15 @@ class AgentAttentionBase(nn.Module):
             self.agent_tokens = nn.Parameter(torch.zeros(self.agent_num, dim))
             trunc_normal_(self.agent_tokens, std=0.02)
 
+    def _apply(self, fn, recurse: bool = True):  # nn.Module's signature
+        """``nn.Module._apply`` that survives ``model.to(memory_format=torch.channels_last)``.
+
+        ``Module.to`` asks every 4-D and 5-D tensor for the format, but only rank-4 tensors have a channels_last
+        layout, so the official 5-D row/column biases (``ah_bias``, ``wa_bias``, ...) would raise. They are
+        converted as (h·..., ...) 4-D views and given back their official shape; device and dtype still follow.
+        """
+        return super()._apply(_rank5_tolerant(fn), recurse)
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, agent_num={self.agent_num}, grid_size={self.grid_size}, "
@@ -118,6 +149,8 @@ class AgentAttentionBase(nn.Module):
         self, x: torch.Tensor, name: str, grid_size: int | tuple[int, int] | None
     ) -> tuple[int, int]:
         """Check that ``x`` is (B, P + H·W, C) for the grid; return (H, W)."""
+        if is_tracing():
+            return self.grid_size if grid_size is None else to_2tuple_grid("grid_size", grid_size)
         if x.dim() != 3:
             raise ValueError(f"{name} must be 3-D (B, N, C) with C = {self.dim}, got shape {tuple(x.shape)}")
         if x.shape[-1] != self.dim:
@@ -148,10 +181,10 @@ class AgentAttentionBase(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B1, B2) for these grids: (1, h, n, P + Hk·Wk) and (1, h, P + Hq·Wq, n).
 
-        When no gradient is needed (and not under torch.compile), the result is cached per grid until a bias
+        When no gradient is needed (and not while tracing), the result is cached per grid until a bias
         parameter changes: in place (its version counter moves), or by replacement (``.to()``, loading).
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.an_bias.requires_grad):
+        if is_tracing() or (torch.is_grad_enabled() and self.an_bias.requires_grad):
             return agent_biases(self, key_grid, query_grid)
         params = tuple(p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias"))
         key = (key_grid, query_grid, torch.is_inference_mode_enabled(), tuple(p._version for p in params))
@@ -203,7 +236,6 @@ class AgentAttentionBase(nn.Module):
         Returns:
             (B, P + Hq·Wq, C), before any output projection.
         """
-        batch, num_queries, channels = q.shape
         agents = self.make_agents(q, query_grid)  # (B, n, C)
         bias1, bias2 = self.biases(key_grid, query_grid)
         if self._attention_sink is not None:
@@ -222,14 +254,15 @@ class AgentAttentionBase(nn.Module):
             dropout_p=self.attn_drop,
             training=self.training,
         )  # (B, h, P + Hq·Wq, d)
-        out = out.transpose(1, 2).reshape(batch, num_queries, channels)
+        out = out.transpose(1, 2).flatten(2)  # (B, P + Hq·Wq, C)
         local = self.local_term(v, key_grid, query_grid)  # (B, Hq·Wq, C)
         prefix = self.num_prefix_tokens
         if prefix == 0:
             return out + local
         # Prefix tokens (cls) get no DWC term. Without autograd, add in place: one pass instead of add + cat
-        # (not when exporting: an in-place slice update becomes ScatterND in ONNX).
-        if not out.requires_grad and not local.requires_grad and not torch.compiler.is_exporting():
+        # (not while tracing: an in-place slice update becomes ScatterND in ONNX, and a trace must not depend on
+        # the grad mode).
+        if not out.requires_grad and not local.requires_grad and not is_tracing():
             out[:, prefix:] += local
             return out
         # With autograd: zero rows in front of the DWC term, whose backward is a view of the gradient (slicing

@@ -39,6 +39,9 @@ PREFIX_BIAS_NAMES = ("ac_bias", "ca_bias")
 
 def to_2tuple_grid(name: str, grid: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """Normalise a grid argument to (H, W) of positive ints; raise ValueError naming ``name`` otherwise."""
+    if isinstance(grid, (tuple, list)) and torch.jit.is_tracing():
+        # torch.jit.trace hands shapes over as 0-d tensors; the trace is fixed to this grid, as the biases are
+        grid = tuple(int(g) if isinstance(g, torch.Tensor) and g.dim() == 0 else g for g in grid)
     if isinstance(grid, int) and not isinstance(grid, bool):
         grid = (grid, grid)
     if (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import nn
 
 from ..ops import linear_attention
@@ -44,6 +45,8 @@ def _check_tokens(x: torch.Tensor, dim: int, weight: torch.Tensor, expected: str
         )
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class SoftmaxAttention(nn.Module):
     """Multi-head softmax attention (timm's ``Attention`` key names: ``qkv``, ``proj``)."""
 
@@ -73,6 +76,8 @@ class SoftmaxAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class LinearAttention(nn.Module):
     """elu+1 linear attention plus a depthwise 3×3 conv on the value map (keys ``qkv``, ``proj``, ``dwc``)."""
 

@@ -162,8 +162,10 @@ def run_compare(
     speed_budget_s: float = 0.5,
     time_budget_s: float | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Train every twin, evaluate, time, and write the report. Returns the results dict.
+    """Train every twin, evaluate, time, and write the report (a tqdm bar per twin with ``progress``). Returns
+    the results dict.
 
     With ``time_budget_s``, the step count (the same for every twin) is capped so that the whole run fits:
     see :func:`_steps_for_budget`.
@@ -176,7 +178,7 @@ def run_compare(
     with lock_run_directory(out_dir):  # for the run's whole life
         prepare_output(out_dir, COMPARE_FILES, overwrite, "--output")
         return _run_compare(corpus, model_cfg, train_cfg, out_dir, speed_contexts, attn_types, log, command,
-                            speed_budget_s, time_budget_s)  # fmt: skip
+                            speed_budget_s, time_budget_s, progress)  # fmt: skip
 
 
 def _run_compare(
@@ -190,6 +192,7 @@ def _run_compare(
     command: str,
     speed_budget_s: float,
     time_budget_s: float | None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     configs = {t: AgentLMConfig(attn_type=t, **model_cfg) for t in attn_types}
@@ -207,7 +210,7 @@ def _run_compare(
         log(f"== training {t}")
         torch.manual_seed(train_cfg.seed)  # same init stream, same data order
         model = AgentLM(configs[t])
-        results[t] = train_lm(model, corpus, replace(train_cfg), out_dir / t, log)
+        results[t] = train_lm(model, corpus, replace(train_cfg), out_dir / t, log, progress=progress)
     speed_rows: list[dict[str, Any]] = []
     if speed_contexts:
         log(f"== speed vs context {speed_contexts}")

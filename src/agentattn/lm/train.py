@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from tqdm import tqdm
 
 from ..io import atomic_write_text, lock_run_directory, open_log
 from ..train.record_checks import prepare_output
@@ -54,22 +56,35 @@ class LMTrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
-    def lr_at(self, step: int) -> float:
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> CosineLRScheduler:
+        """timm's cosine schedule with linear warm-up (as ``agentattn train`` uses), per optimizer step:
+        ``lr / warmup`` → ``lr`` over the warm-up, then cosine down to ``lr · min_lr_ratio`` at the last step.
+        Call ``step_update(step)`` before each step."""
         warmup = min(
             self.warmup_steps, max(1, self.steps // 5)
         )  # short runs keep 80 % of steps after warm-up
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.steps - warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+        return CosineLRScheduler(
+            optimizer,
+            t_initial=max(1, self.steps - warmup),
+            lr_min=self.lr * self.min_lr_ratio,
+            warmup_t=warmup,
+            warmup_lr_init=self.lr / warmup,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
 
 
 @torch.no_grad()
 def evaluate_bpb(
-    model: AgentLM, tokens: torch.Tensor, seq_len: int, batch_size: int = 16, max_batches: int | None = None
+    model: AgentLM,
+    tokens: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 16,
+    max_batches: int | None = None,
+    progress: bool = False,
 ) -> float:
-    """Bits per byte over non-overlapping windows of ``tokens`` (all of them unless ``max_batches``)."""
+    """Bits per byte over non-overlapping windows of ``tokens`` (all of them unless ``max_batches``), with a tqdm
+    bar when ``progress``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -80,6 +95,8 @@ def evaluate_bpb(
     for x, y in windows:
         groups.setdefault(x.numel(), []).append((x, y))
     batches = 0
+    planned = sum(-(-len(items) // batch_size) for items in groups.values())
+    bar = tqdm(total=min(planned, max_batches or planned), desc="eval", disable=not progress, leave=False)
     for items in groups.values():
         for i in range(0, len(items), batch_size):
             if max_batches is not None and batches >= max_batches:
@@ -90,6 +107,8 @@ def evaluate_bpb(
             total_nats += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             total_bytes += y.numel()
             batches += 1
+            bar.update(1)
+    bar.close()
     model.train(was_training)
     if total_bytes == 0:
         raise ValueError("nothing to evaluate: the split is shorter than 2 bytes")
@@ -103,9 +122,11 @@ def train_lm(
     out_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place; return the history and final val bpb. Writes ``metrics.jsonl``,
-    ``model.safetensors`` and ``result.json`` under ``out_dir`` when given.
+    ``model.safetensors`` and ``result.json`` under ``out_dir`` when given. ``progress`` shows a tqdm bar
+    (the evaluation lines then go above it); ``log`` gets them otherwise.
 
     Raises:
         ValueError: bad input, or ``out_dir`` holds an earlier run's results (and not ``overwrite``).
@@ -116,7 +137,7 @@ def train_lm(
         if out is not None:
             stack.enter_context(lock_run_directory(out))  # for the run's whole life
             prepare_output(out, RUN_FILES, overwrite, "--output")
-        return _train_lm(model, corpus, cfg, out, log)
+        return _train_lm(model, corpus, cfg, out, log, progress)
 
 
 def _train_lm(
@@ -125,6 +146,7 @@ def _train_lm(
     cfg: LMTrainConfig,
     out: Path | None,
     log: Callable[[str], None] | None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -143,12 +165,16 @@ def _train_lm(
         metrics_file = open_log(out / "metrics.jsonl", truncate=True)
 
     history: list[dict[str, float]] = []
+    scheduler = cfg.scheduler(opt)
     model.train()
     start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc=f"lm train ({model.config.attn_type})", disable=not progress,
+               dynamic_ncols=True)  # fmt: skip
+    say = bar.write if progress else log  # eval lines above the bar, not through it
     try:
         for step in range(cfg.steps):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr_at(step)
+            scheduler.step_update(step)
+            lr = opt.param_groups[0]["lr"]
             x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, gen)
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
@@ -163,15 +189,15 @@ def _train_lm(
                 "step": step + 1,
                 "tokens": (step + 1) * cfg.batch_size * x.shape[1],
                 "train_bpb": loss.item() / LN2,
-                "lr": cfg.lr_at(step),
+                "lr": lr,
                 "time_s": time.perf_counter() - start,
             }
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 row["val_bpb"] = evaluate_bpb(
                     model, corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches
                 )
-                if log is not None:
-                    log(
+                if say is not None:
+                    say(
                         f"step {step + 1}/{cfg.steps}  train {row['train_bpb']:.3f} bpb  "
                         f"val~ {row['val_bpb']:.3f} bpb  {row['time_s']:.0f}s"
                     )
@@ -179,7 +205,10 @@ def _train_lm(
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(bpb=f"{row['train_bpb']:.3f}", lr=f"{lr:.2e}")
     finally:
+        bar.close()
         if metrics_file is not None:
             metrics_file.close()
     train_time = time.perf_counter() - start

@@ -11,8 +11,11 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import nn
 
+from ..ops.tracing import is_tracing
+
 GLOBAL_POOLS = ("avg", "")
 
+OFFICIAL_WEIGHTS = "links in https://github.com/LeapLabTHU/Agent-Attention"
 PRETRAINED_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename")  # timm's _PRETRAINED_SOURCE_KEYS
 
 
@@ -77,9 +80,18 @@ def build_agent_model(
     overlay = kwargs.get("pretrained_cfg_overlay")
     if overlay and any(overlay.get(k) for k in PRETRAINED_SOURCE_KEYS) and "custom_load" not in overlay:
         kwargs["pretrained_cfg_overlay"] = {**overlay, "custom_load": True}
-    return build_model_with_cfg(
-        model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
-    )
+    try:
+        return build_model_with_cfg(
+            model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs
+        )
+    except RuntimeError as error:
+        if not str(error).startswith("No pretrained weights exist"):
+            raise
+        raise RuntimeError(
+            f"{variant}: agentattn ships no weights and downloads nothing; download the official checkpoint "
+            f"({OFFICIAL_WEIGHTS}) and pass pretrained_cfg_overlay=dict(file=PATH), or load a saved Hub "
+            "directory with timm.create_model('local-dir:DIR', pretrained=True)"
+        ) from None
 
 
 _RATE_KWARGS = ("drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
@@ -120,9 +132,9 @@ def check_image_input(model: nn.Module, x: torch.Tensor) -> None:
     """ValueError/TypeError naming the problem for an image batch the model cannot take.
 
     x must be a floating-point (B, C, H, W) tensor with C = the stem's input channels, on the model's device and
-    in its dtype (any dtype under autocast). Skipped under torch.compile (the graph is traced once).
+    in its dtype (any dtype under autocast). Skipped while tracing (see ``is_tracing``).
     """
-    if torch.compiler.is_compiling():
+    if is_tracing():
         return
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor image batch (B, C, H, W), got {type(x).__name__}")

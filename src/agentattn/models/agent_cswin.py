@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -36,6 +36,7 @@ from torch import nn
 
 from ..layers import CSwinAgentAttention
 from ..ops import linear_attention
+from ..ops.tracing import is_tracing
 from ._builder import (
     LinearHeadMixin,
     agent_cfg,
@@ -190,6 +191,8 @@ class CSwinLinearAttention(nn.Module):
         return out + self.get_v(v_map).permute(0, 2, 3, 1).reshape(batch, tokens, channels)
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class AgentCSwinBlock(nn.Module):
     """CSwin block: ``norm1`` → ``qkv`` → branches (``attns``) → concat → ``proj``; then ``norm2`` → ``mlp``.
 
@@ -351,6 +354,7 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
                     )
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.output_fmt = "NHWC"  # forward_features' layout, declared as timm's Swin does
         self.attn_type = attn_type
         self.img_size = img
         self.grad_checkpointing = False
@@ -440,7 +444,9 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) → (B, H/32, W/32, C) after the final norm (NHWC)."""
         check_image_input(self, x)
-        if x.shape[0] == 0:  # the window reshapes cannot infer sizes from 0 elements: run one blank image
+        if (
+            not is_tracing() and x.shape[0] == 0
+        ):  # the window reshapes cannot infer sizes from 0 elements: run one blank image
             return self.forward_features(x.new_zeros(1, *x.shape[1:]))[:0]
         x, grid = self._stem(x)
         for i in range(self._num_stages):
@@ -450,7 +456,7 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, H, W, C) or (B, N, C) → pooled (B, C) (pre_logits) or (B, num_classes)."""
         if self.global_pool == "avg":
-            x = x.flatten(1, 2).mean(dim=1) if x.dim() == 4 else x.mean(dim=1)
+            x = x.flatten(1, -2).mean(dim=1)  # (B, H, W, C) or (B, N, C); no branch on x.dim() for torch.fx
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
+from ..ops.tracing import is_tracing
 from ._builder import agent_cfg, build_agent_model, check_image_input, with_official_tags
 from ._checkpoint import load_pretrained, resize_agent_bias_tables
 
@@ -274,7 +275,12 @@ class AgentDeiT(VisionTransformer):
         load_pretrained(self, checkpoint_path, filter_fn=checkpoint_filter_fn, use_ema=use_ema)
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        grid = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        embed = self.patch_embed
+        if embed.strict_img_size and not self.dynamic_img_size:
+            return tuple(embed.grid_size)  # known without reading x: also while tracing
+        grid = embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+        if is_tracing():
+            return grid  # symbolic under torch.fx: the agent layers (fx leaves) read it at run time
         return int(grid[0]), int(grid[1])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,6 +295,8 @@ class AgentDeiT(VisionTransformer):
 
     @staticmethod
     def _no_mask(attn_mask: torch.Tensor | None, is_causal: bool) -> None:
+        if is_tracing():
+            return  # torch.fx passes every argument as a proxy; a traced graph has no mask input
         if attn_mask is not None or is_causal:
             raise ValueError("attn_mask / is_causal are not supported: agent attention pools the whole grid")
 
@@ -300,7 +308,8 @@ class AgentDeiT(VisionTransformer):
         check_image_input(self, x)
         embed = self.patch_embed
         if (
-            embed.strict_img_size
+            not is_tracing()
+            and embed.strict_img_size
             and not embed.dynamic_img_pad
             and tuple(x.shape[-2:]) != tuple(embed.img_size)
         ):
@@ -403,7 +412,8 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs: Any) ->
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return agent_cfg("patch_embed.proj", **kwargs)
+    # As timm's ViT/DeiT: the model takes its img_size only, unless built with dynamic_img_size=True.
+    return agent_cfg("patch_embed.proj", fixed_input_size=True, **kwargs)
 
 
 default_cfgs = generate_default_cfgs(

@@ -24,7 +24,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    DropPath,
+    Mlp,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
@@ -62,6 +69,8 @@ def _check_tokens(x: torch.Tensor, dim: int, grid: tuple[int, int]) -> None:
         raise ValueError(f"x must be (B, H·W, {dim}) for grid_size {grid}, got shape {tuple(x.shape)}")
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class _SpatialReduction(nn.Module):
     """Shared ``q``/``kv``/``proj`` projections and PVT's optional ``sr`` conv + ``norm`` on the key map."""
 
@@ -251,6 +260,8 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class PatchEmbed(nn.Module):
     """Conv patch embedding + LayerNorm (eps 1e-5 as officially), padding the input to a multiple of the stride.
 
@@ -272,6 +283,19 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         grid = (x.shape[2], x.shape[3])
         return self.norm(x.flatten(2).transpose(1, 2)), grid
+
+
+@register_notrace_function  # an fx leaf: it compares the grid's Python values
+def resample_stage_pos_embed(
+    pos_embed: torch.Tensor, built: tuple[int, int], grid: tuple[int, int]
+) -> torch.Tensor:
+    """(1, H0·W0, C) position embedding built for ``built`` → (1, H·W, C) for ``grid``, resampled bilinearly as
+    officially when the grids differ."""
+    if tuple(grid) == tuple(built):
+        return pos_embed
+    pos_map = pos_embed.reshape(1, built[0], built[1], -1).permute(0, 3, 1, 2)
+    pos_map = F.interpolate(pos_map, size=tuple(grid), mode="bilinear", align_corners=False)
+    return pos_map.flatten(2).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,14 +508,8 @@ class AgentPVT(LinearHeadMixin, nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _pos_embed(self, i: int, grid: tuple[int, int]) -> torch.Tensor:
-        """Stage ``i`` position embedding for ``grid``, resampled bilinearly as officially when it differs."""
-        pos_embed = getattr(self, f"pos_embed{i + 1}")
-        built = self.grid_sizes[i]
-        if grid == built:
-            return pos_embed
-        pos_map = pos_embed.reshape(1, built[0], built[1], -1).permute(0, 3, 1, 2)
-        pos_map = F.interpolate(pos_map, size=grid, mode="bilinear", align_corners=False)
-        return pos_map.flatten(2).transpose(1, 2)
+        """Stage ``i`` position embedding (1, H·W, C) for ``grid``."""
+        return resample_stage_pos_embed(getattr(self, f"pos_embed{i + 1}"), self.grid_sizes[i], grid)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) map → (B, C_i, H_i, W_i) map after stage ``i``."""

@@ -30,6 +30,7 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    register_notrace_module,
     resample_patch_embed,
     resize_rel_pos_bias_table,
     to_2tuple,
@@ -42,6 +43,7 @@ from torch import nn
 
 from ..layers import AgentAttention, LinearAttention
 from ..layers.agent_bias import agent_biases, to_2tuple_grid
+from ..ops.tracing import is_tracing
 from ._builder import (
     LinearHeadMixin,
     agent_cfg,
@@ -189,6 +191,8 @@ class SwinAgentAttention(AgentAttention):
         )
 
 
+# An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
+@register_notrace_module
 class AgentSwinBlock(nn.Module):
     """One Agent-Swin block: pre-norm attention (agent, window or linear) and MLP, each with a residual.
 
@@ -275,10 +279,19 @@ class AgentSwinBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
         # Official: a buffer on shifted window blocks only; ours is re-created, hence not persistent.
-        mask = None
-        if attn_kind == "B" and any(self.shift_size):
-            mask = swin_shift_mask(*self._padded(self.input_resolution), self.window_size, self.shift_size)
-        self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("attn_mask", self._shift_mask(), persistent=False)
+
+    def _shift_mask(self, device: torch.device | None = None) -> torch.Tensor | None:
+        if self.attn_kind != "B" or not any(self.shift_size):
+            return None
+        return swin_shift_mask(
+            *self._padded(self.input_resolution), self.window_size, self.shift_size, device=device
+        )
+
+    def init_non_persistent_buffers(self) -> None:
+        """Rebuild the shift mask, e.g. after ``to_empty()`` from the meta device (timm's convention)."""
+        if self.attn_mask is not None:
+            self.attn_mask = self._shift_mask(device=self.attn_mask.device)
 
     def _padded(self, size: tuple[int, int]) -> tuple[int, int]:
         return tuple(math.ceil(s / w) * w for s, w in zip(size, self.window_size, strict=True))
@@ -416,6 +429,7 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
 
         self.num_classes = num_classes
         self.global_pool = global_pool
+        self.output_fmt = "NHWC"  # forward_features' layout, declared as timm's Swin does
         self.output_fmt = "NHWC"
         self.num_layers = num_stages
         self.embed_dim = embed_dim
@@ -573,7 +587,9 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) → (B, h, w, C_last), normalised (NHWC, like timm's Swin)."""
         check_image_input(self, x)
-        if x.shape[0] == 0:  # the window reshapes cannot infer sizes from 0 elements: run one blank image
+        if (
+            not is_tracing() and x.shape[0] == 0
+        ):  # the window reshapes cannot infer sizes from 0 elements: run one blank image
             return self.forward_features(x.new_zeros(1, *x.shape[1:]))[:0]
         x = self.pos_drop(self.patch_embed(x))
         x = self.layers(x)

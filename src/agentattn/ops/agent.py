@@ -191,9 +191,14 @@ def _choose_backend(
         return "triton"
     if backend != "auto":
         return backend
-    # Under torch.export (and so ONNX export) record the explicit matmuls: plain MatMul/Softmax nodes for any
-    # runtime, and no SDPA decomposition whose output strides differ from the eager kernel's.
-    if torch.compiler.is_exporting() or (needs_grad and q.device.type not in SDPA_TRAINING_DEVICES):
+    # Under torch.export and torch.jit.trace (and so both ONNX exporters) record the explicit matmuls: plain
+    # MatMul/Softmax nodes for any runtime, no SDPA decomposition whose output strides differ from the eager
+    # kernel's, and one graph whatever the grad mode.
+    if (
+        torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or (needs_grad and q.device.type not in SDPA_TRAINING_DEVICES)
+    ):
         return "matmul"
     if not q.is_cuda:
         return "sdpa"

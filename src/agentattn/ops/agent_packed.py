@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._masked_rows import check_rows_first, fully_masked_rows
+from .tracing import is_tracing
 
 __all__ = ["agent_attention_packed", "packed_path_applies"]
 
@@ -46,8 +47,7 @@ __all__ = ["agent_attention_packed", "packed_path_applies"]
 def packed_path_applies(qkv: torch.Tensor) -> bool:
     """Whether :func:`agent_attention_packed` is the faster training path for this projection output.
 
-    CPU fp32/fp64 with autograd recording; not under torch.compile or export (they trace the plain ops) nor
-    autocast. CUDA keeps its SDPA / matmul paths.
+    CPU fp32/fp64 with autograd recording; not while tracing nor under autocast. CUDA keeps its SDPA / matmul paths.
     """
     return (
         qkv.device.type == "cpu"
@@ -55,8 +55,7 @@ def packed_path_applies(qkv: torch.Tensor) -> bool:
         and torch.is_grad_enabled()
         and qkv.requires_grad
         and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not is_tracing()  # compile and export trace the plain ops; a jit trace must not depend on grad mode
     )
 
 

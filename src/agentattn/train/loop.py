@@ -369,8 +369,10 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Top-1/top-5 accuracy (%), mean cross-entropy, throughput and the confusion matrix.
+    """Top-1/top-5 accuracy (%), mean cross-entropy, throughput and the confusion matrix (with a tqdm bar when
+    ``progress``).
 
     Returns:
         ``{"loss", "top1", "top5", "images", "img_per_s", "confusion"}``; ``confusion`` is an int64 tensor
@@ -379,7 +381,7 @@ def evaluate(
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     loss_sum, top5_hits, count, elapsed = 0.0, 0, 0, 0.0
-    for images, targets in loader:
+    for images, targets in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True, leave=False):
         images, targets = images.to(device), targets.to(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -476,12 +478,20 @@ def _amp_dtype(amp: str) -> torch.dtype | None:
 def _prepare_output(output: Path, config: TrainConfig) -> None:
     """Refuse to start over an earlier run's results (unless ``overwrite``: then remove its files).
 
-    Called by rank 0 with the directory locked. Resuming an existing checkpoint is always allowed.
+    Called by rank 0 with the directory locked. Resuming an existing checkpoint is always allowed; ``resume``
+    without one is refused (timm's train.py refuses a missing --resume file too) rather than starting over,
+    unless ``overwrite`` also says to start over.
     """
     ckpt_path = output / CHECKPOINT_NAME
     if config.resume and ckpt_path.is_file():
         return
     found = results_in(output, RUN_FILES)
+    if config.resume and not config.overwrite:
+        earlier = f" (it holds an earlier run's {', '.join(found)})" if found else ""
+        raise ValueError(
+            f"nothing to resume: {ckpt_path} does not exist{earlier}; start the run without --resume, choose "
+            "another --output, or pass --overwrite to replace the earlier results"
+        )
     if not found:
         return
     if config.overwrite:
@@ -727,8 +737,6 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
             print(
                 f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} (global step {global_step})"
             )
-    elif config.resume and master:
-        print(f"no {ckpt_path} yet: starting from scratch")
 
     train_model: nn.Module = model
     if distributed:
@@ -793,9 +801,11 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
             persistent_workers=False,
         )
         train_model.train()
+        last_step = steps_per_epoch
+        if config.max_steps:  # the bar ends where --max-steps stops the run
+            last_step = min(steps_per_epoch, skip + max(config.max_steps - global_step, 0))
         bar = tqdm(
-            loader,
-            total=steps_per_epoch,
+            total=last_step,
             initial=skip,
             desc=f"epoch {epoch + 1}/{total_epochs}",
             disable=not (master and config.progress),
@@ -803,7 +813,7 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
         )
         epoch_start = time.perf_counter()
         loss_sum, seen = resume_sums if epoch == start_epoch else (0.0, 0)
-        for step_in_epoch, (images, targets) in enumerate(bar, start=skip):
+        for step_in_epoch, (images, targets) in enumerate(loader, start=skip):
             step_start = time.perf_counter()
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mixup is not None:
@@ -845,7 +855,8 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             metrics.step({**record, "time_s": step_time, "img_per_s": img_per_s})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
+            bar.update(1)  # by hand: a bar wrapping the loader misses the step a --max-steps break ends on
 
             if config.max_steps and global_step >= config.max_steps:
                 stop = True
@@ -859,7 +870,8 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
         # ---- end of epoch: evaluate, log, checkpoint (rank 0; the other ranks wait at the barrier)
         epoch_time = time.perf_counter() - epoch_start
         if master:
-            result = evaluate(model, eval_loader, device, data.num_classes, amp_dtype)
+            show = config.progress  # rank 0 only, as here
+            result = evaluate(model, eval_loader, device, data.num_classes, amp_dtype, progress=show)
             record = dict(
                 epoch=epoch,
                 global_step=global_step,
@@ -870,7 +882,9 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
                 eval_top5=result["top5"],
             )
             if ema is not None:
-                ema_result = evaluate(ema.module, eval_loader, device, data.num_classes, amp_dtype)
+                ema_result = evaluate(
+                    ema.module, eval_loader, device, data.num_classes, amp_dtype, progress=show
+                )
                 record.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"])
             record.update(epoch_time_s=epoch_time, img_per_s=seen * world_size / max(epoch_time, 1e-9))
             history.append({k: v for k, v in record.items() if k not in ("epoch_time_s", "img_per_s")})
