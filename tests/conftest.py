@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._device  # the factory table the NaN-filling fixture warms (not imported by torch itself)
 from hypothesis import HealthCheck, settings
 
 DATA_DIR = Path(__file__).parent / "data"

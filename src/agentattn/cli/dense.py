@@ -20,6 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..io import atomic_write_text, quote
+from .defaults import show_config_defaults
 from .train import parse_model_kwargs
 
 
@@ -54,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add = train.add_argument
     add("--task", choices=["det", "seg"], default=S)
-    add("--kind", default=S, help="maskrcnn (default), fasterrcnn, retinanet; seg: fpn (default), upernet")
-    add("--backbone", default=S, help="hierarchical zoo model (default agent_pvt_tiny_224)")
+    add(
+        "--kind",
+        default=S,
+        help="det: maskrcnn, fasterrcnn, retinanet; seg: fpn, upernet (maskrcnn means fpn for seg)",
+    )
+    add("--backbone", default=S, help="hierarchical zoo model")
     add("--backbone-kwargs", nargs="*", default=S, metavar="KEY=VALUE", help="e.g. attn_type=BBBB")
     add("--agent-grids", type=_grids, default=S, help="none (classification grids), official, or 12-16-28-28")
     add("--pretrained-backbone", default=S, help="classification checkpoint for the backbone")
@@ -88,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--output", default=S, help="run directory (default runs/dense)")
     add("--overwrite", action="store_true", default=S, help="replace the results of an earlier run in OUTPUT")
     add("--no-progress", dest="progress", action="store_false", default=S)
+    from ..dense.engine import DenseConfig  # imported with the command only: it pulls in torchvision
+
+    show_config_defaults(train, DenseConfig)
 
     ev = sub.add_parser(
         "eval", formatter_class=parser.formatter_class, help="evaluate a model.pth written by dense train"

@@ -29,6 +29,7 @@ import sys
 from _agentattn_cli import BENCHMARKS, COMMANDS, DESCRIPTION
 
 from .. import __version__
+from .defaults import show_defaults
 
 _HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
 
@@ -46,23 +47,8 @@ def _add(subparsers: argparse._SubParsersAction, name: str, module: str, help_te
     if load:  # import a command's module (torch, timm, ...) only when that command runs
         command = importlib.import_module(f"agentattn.{module}")
         command.add_arguments(parser)
-        _show_defaults(parser)
+        show_defaults(parser)
         parser.set_defaults(handler=command.run)
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """Give options without a help text one that shows their default (the formatter skips help-less options)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                _show_defaults(sub)
-        elif (
-            action.option_strings
-            and action.help is None
-            and action.default not in (None, argparse.SUPPRESS)
-            and not isinstance(action, argparse._StoreConstAction)  # flags: store_true / store_false
-        ):
-            action.help = "(default: %(default)s)"
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

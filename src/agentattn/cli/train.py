@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..train.loop import CHECKPOINT_NAME, PRESETS, TrainConfig, train
+from .defaults import show_config_defaults
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -40,11 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` options. Defaults are applied in :func:`build_config` (preset, then dataclass)."""
     S = argparse.SUPPRESS
     add = parser.add_argument
-    add("--data", default=S, help="fashion-mnist (default), fashion-mnist:DIR or imagefolder:PATH")
-    add("--model", default=S, help="registered timm model name (default agent_pvt_tiny_224)")
+    add("--data", default=S, help="fashion-mnist, fashion-mnist:DIR or imagefolder:PATH")
+    add("--model", default=S, help="registered timm model name")
     add("--model-kwargs", nargs="*", default=S, metavar="KEY=VALUE", help="model kwargs, Python literals")
     add("--epochs", type=int, default=S)
-    add("--output", default=S, help="run directory (metrics, last.pth); default runs/train")
+    add("--output", default=S, help="run directory (metrics, last.pth)")
     add("--resume", action="store_true", default=S, help="continue from OUTPUT/last.pth")
     add(
         "--overwrite",
@@ -52,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=S,
         help="replace the results of an earlier run in OUTPUT (with --resume: only if it has no last.pth)",
     )
-    add("--preset", choices=sorted(PRESETS), default=S, help="imagenet-agent: the paper's recipe (spec §7.1)")
+    add("--preset", choices=sorted(PRESETS), default=S, help="imagenet-agent: the paper's ImageNet recipe")
     add("--batch-size", type=int, default=S, help="per process")
     add("--lr", type=float, default=S)
     add("--warmup-lr", type=float, default=S)
@@ -90,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-steps", type=int, default=S, help="stop after this many steps in total")
     add("--device", default=S, help="auto, cpu or cuda")
     add("--no-progress", dest="progress", action="store_false", default=S)
+    show_config_defaults(parser, TrainConfig)
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:

@@ -113,15 +113,18 @@ class LePEAttention(nn.Module):
             return height, min(self.split_size, width)
         return min(self.split_size, height), width
 
-    def _windows(self, t: torch.Tensor, win: tuple[int, int]) -> torch.Tensor:
-        """(B, C, H', W') → (B·nw, C, H_sp, W_sp) in official window order (rows of windows, then columns)."""
-        batch, channels, height, width = t.shape
-        t = t.view(batch, channels, height // win[0], win[0], width // win[1], win[1])
-        return t.permute(0, 2, 4, 1, 3, 5).reshape(-1, channels, win[0], win[1])
+    @staticmethod
+    def _windows(t: torch.Tensor, win: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+        """(B, C, H', W') → (B·nw, C, H_sp, W_sp) in official window order (rows of windows, then columns).
+
+        The reshapes in this module never name the batch size: the legacy ONNX exporter would pin it to the
+        traced one (it loses the dynamic batch through module tuples and unbind)."""
+        t = t.unflatten(3, (grid[1] // win[1], win[1])).unflatten(2, (grid[0] // win[0], win[0]))
+        return t.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
 
     def forward(self, qkv: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """qkv: (3, B, H·W, C) → (B, H·W, C)."""
-        _, batch, tokens, channels = qkv.shape
+        tokens, channels = qkv.shape[2], qkv.shape[3]
         height, width = grid_size
         if tokens != height * width or channels != self.dim:
             raise ValueError(
@@ -129,39 +132,37 @@ class LePEAttention(nn.Module):
             )
         win = self.window(grid_size)
         pad_h, pad_w = (-height) % win[0], (-width) % win[1]
-        maps = qkv.transpose(-2, -1).reshape(3 * batch, channels, height, width)
+        padded = (height + pad_h, width + pad_w)
+        maps = qkv.transpose(-2, -1).flatten(0, 1).unflatten(-1, (height, width))  # (3·B, C, H, W)
         if pad_h or pad_w:
             maps = F.pad(maps, (0, pad_w, 0, pad_h))
-        windows = self._windows(maps, win)  # (3·B·nw, C, H_sp, W_sp)
+        windows = self._windows(maps, win, padded)  # (3·B·nw, C, H_sp, W_sp)
         # unbind, not chunk(): chunk's size guards would pin torch.export's batch dimension.
         q, k, v = windows.unflatten(0, (3, -1)).unbind(0)
         lepe = self.get_v(v)  # per-window conv, as officially (zero padding at stripe borders)
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B', C, H_sp, W_sp) → (B', h, L, d)
-            return t.reshape(t.shape[0], self.num_heads, self.head_dim, -1).transpose(-2, -1)
+        n_h, n_w = padded[0] // win[0], padded[1] // win[1]
 
-        mask = None
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B·nw, C, H_sp, W_sp) → (B·nw, h, L, d)
+            return t.unflatten(1, (self.num_heads, self.head_dim)).flatten(-2).transpose(-2, -1)
+
+        q, k, v, mask = heads(q), heads(k), heads(v), None
         if pad_h or pad_w:
-            valid = torch.zeros(height + pad_h, width + pad_w, dtype=torch.bool, device=qkv.device)
+            valid = torch.zeros(padded, dtype=torch.bool, device=qkv.device)
             valid[:height, :width] = True
-            valid = self._windows(valid[None, None], win).flatten(1)  # (nw, L)
-            mask = valid[None].expand(batch, -1, -1).reshape(-1, 1, 1, valid.shape[-1])
+            valid = self._windows(valid[None, None], win, padded).flatten(1)  # (nw, L)
+            mask = valid[:, None, None]  # (nw, 1, 1, L): broadcasts over the batch and heads of (B, nw, ...)
+            q, k, v = (t.unflatten(0, (-1, n_h * n_w)) for t in (q, k, v))
         out = F.scaled_dot_product_attention(
-            heads(q),
-            heads(k),
-            heads(v),
-            attn_mask=mask,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale,
-        )
-        out = out + heads(lepe)  # (B', h, L, d)
+            q, k, v, attn_mask=mask, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
+        ).flatten(0, -4)  # (B·nw, h, L, d)
+        out = out + heads(lepe)
         # windows → map: (B, nH, nW, h, H_sp, W_sp, d) → (B, H', W', h·d)
-        n_h, n_w = (height + pad_h) // win[0], (width + pad_w) // win[1]
-        out = out.reshape(batch, n_h, n_w, self.num_heads, win[0], win[1], self.head_dim)
-        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, height + pad_h, width + pad_w, channels)
+        out = out.unflatten(0, (-1, n_h, n_w)).unflatten(-2, win)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).flatten(-2).flatten(3, 4).flatten(1, 2)
         if pad_h or pad_w:
             out = out[:, :height, :width]
-        return out.reshape(batch, tokens, channels)
+        return out.flatten(1, 2)
 
 
 class CSwinLinearAttention(nn.Module):
@@ -247,8 +248,9 @@ class AgentCSwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         """x: (B, H·W, C) → (B, H·W, C)."""
-        batch, tokens, channels = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(batch, tokens, 3, channels).permute(2, 0, 1, 3)  # (3, B, L, C)
+        channels = x.shape[-1]
+        # No x.shape[0]: the legacy ONNX exporter pins the batch of a tensor unpacked from MergeBlock's tuple.
+        qkv = self.qkv(self.norm1(x)).unflatten(-1, (3, channels)).permute(2, 0, 1, 3)  # (3, B, L, C)
         if self.branch_num == 2:
             half = channels // 2
             out = torch.cat(
@@ -273,7 +275,9 @@ class MergeBlock(nn.Module):
     """Official ``Merge_Block``: Conv 3×3 stride 2 pad 1, then LayerNorm.
 
     Shape:
-        ``forward(x, grid_size)``: (B, H·W, C) → ((B, ⌈H/2⌉·⌈W/2⌉, C_out), (⌈H/2⌉, ⌈W/2⌉)).
+        ``forward(x, grid_size)``: (B, H·W, C) → (B, ⌈H/2⌉·⌈W/2⌉, C_out); ``merged_grid(grid_size)`` is
+        (⌈H/2⌉, ⌈W/2⌉). One tensor out, not an (x, grid) tuple: the legacy ONNX exporter pins the batch size of
+        a tensor unpacked from a module's tuple output.
     """
 
     def __init__(self, dim: int, dim_out: int, norm_layer: type[nn.Module] = nn.LayerNorm) -> None:
@@ -281,10 +285,14 @@ class MergeBlock(nn.Module):
         self.conv = nn.Conv2d(dim, dim_out, 3, 2, 1)
         self.norm = norm_layer(dim_out)
 
-    def forward(self, x: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    @staticmethod
+    def merged_grid(grid_size: tuple[int, int]) -> tuple[int, int]:
+        """The map size after the 3×3, stride-2, padding-1 conv."""
+        return (grid_size[0] + 1) // 2, (grid_size[1] + 1) // 2
+
+    def forward(self, x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         x = self.conv(x.transpose(1, 2).unflatten(2, grid_size))
-        grid = (x.shape[-2], x.shape[-1])
-        return self.norm(x.flatten(2).transpose(1, 2)), grid
+        return self.norm(x.flatten(2).transpose(1, 2))
 
 
 class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
@@ -433,7 +441,8 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
         self, i: int, x: torch.Tensor, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         if i > 0:
-            x, grid = getattr(self, f"merge{i}")(x, grid)
+            merge = getattr(self, f"merge{i}")
+            x, grid = merge(x, grid), merge.merged_grid(grid)
         for blk in getattr(self, f"stage{i + 1}"):
             if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
                 x = checkpoint(blk, x, grid)
