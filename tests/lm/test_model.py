@@ -56,8 +56,11 @@ def test_twins_have_equal_params_and_shared_init():
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
 @pytest.mark.parametrize("prompt_len", [1, 19])
-def test_decode_matches_parallel_forward(attn_type, prompt_len):
-    model = _tiny(attn_type)
+@pytest.mark.parametrize(
+    "extra", [{}, {"conv_kernel": 0}, {"positions": "none"}], ids=["default", "no-conv", "nope"]
+)
+def test_decode_matches_parallel_forward(attn_type, prompt_len, extra):
+    model = _tiny(attn_type, **extra)
     idx = torch.randint(0, 256, (2, 38))
     with torch.no_grad():
         ref = model(idx)  # (B, T, V)
@@ -170,3 +173,36 @@ def test_bad_input():
         model(torch.full((1, 4), 256))
     with pytest.raises(ValueError, match="at least one token"):
         model.prefill(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_rotary_scores_depend_on_the_offset_only():
+    from agentattn.lm.model import rotate
+
+    q, k = torch.randn(1, 2, 1, 16, dtype=torch.float64), torch.randn(1, 2, 1, 16, dtype=torch.float64)
+    score = lambda s, t: (rotate(q, s, 10000.0) * rotate(k, t, 10000.0)).sum().item()  # noqa: E731
+    assert score(5, 2) == pytest.approx(score(103, 100), rel=1e-6)  # angles are computed in fp32
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+def test_positions_and_conv_options():
+    rope, nope = _tiny("softmax"), _tiny("softmax", positions="none")
+    assert rope.config.positions == "rope"  # Transformer++ is the softmax default
+    idx = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert not torch.allclose(rope(idx), nope(idx))  # same weights, positions change the scores
+    for t in ATTN_TYPES:  # the causal conv is an option of every mixer
+        assert (_tiny(t).blocks[0].attn.dwc is None) is False
+        assert _tiny(t, conv_kernel=0).blocks[0].attn.dwc is None
+    with pytest.raises(ValueError, match="positions must be one of"):
+        AgentLMConfig(attn_type="softmax", positions="alibi")
+    with pytest.raises(ValueError, match="even head dim"):
+        AgentLMConfig(attn_type="softmax", d_model=12, n_heads=4)
+
+
+def test_twins_with_and_without_the_conv_share_their_other_weights():
+    torch.manual_seed(7)
+    with_conv = AgentLM(AgentLMConfig(attn_type="softmax")).state_dict()
+    torch.manual_seed(7)
+    without = AgentLM(AgentLMConfig(attn_type="retention", conv_kernel=0)).state_dict()
+    shared = [k for k in without if k in with_conv]
+    assert len(shared) > 10 and all(torch.equal(with_conv[k], without[k]) for k in shared)

@@ -3,7 +3,7 @@
 agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--output DIR] [--overwrite]
 agentattn lm eval --checkpoint DIR/model.safetensors [--split val|test]
 agentattn lm sample --checkpoint FILE --prompt TEXT [--max-new-tokens N] [--temperature T]
-agentattn lm compare [--data ...] [--output runs/<timestamp>] [--overwrite]   (the three twins, report.md)
+agentattn lm compare [--data ...] [--output runs/<timestamp>] [--overwrite]   (every twin, report.md)
 agentattn lm bench [--json FILE]                             (speed figures: layer forward, decode, state size)
 
 A run directory (``--output``, also ``--out``) belongs to one live run; an earlier run's results in it are only replaced with
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..lm.data import ByteCorpus
-from ..lm.model import ATTN_TYPES, AgentLM, AgentLMConfig
+from ..lm.model import ATTN_TYPES, POSITIONS, AgentLM, AgentLMConfig
 from ..lm.train import LMTrainConfig, evaluate_bpb, train_lm
 
 # The default `compare` budget: sized to finish in <= 20 min on 2 shared CPU cores (see the README section).
@@ -50,8 +50,15 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--n-layers", type=int, default=defaults.get("n_layers", 4))
     p.add_argument("--n-heads", type=int, default=defaults.get("n_heads", 4))
     p.add_argument("--num-agents", type=int, default=16, help="agent tokens per head (agent only)")
-    p.add_argument("--chunk-size", type=int, default=32, help="chunk C: exact window of C..2C tokens (agent)")
-    p.add_argument("--conv-kernel", type=int, default=4, help="causal depthwise conv on V, 0 = off (agent)")
+    p.add_argument(
+        "--chunk-size", type=int, default=32, help="chunk C: the agent's exact window of C..2C tokens"
+    )
+    p.add_argument(
+        "--conv-kernel", type=int, default=4, help="causal depthwise conv on V, 0 = off (every mixer)"
+    )
+    p.add_argument(
+        "--positions", choices=POSITIONS, default="rope", help="softmax: rotary embeddings, or none (NoPE)"
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -167,6 +174,7 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_agents": args.num_agents,
         "chunk_size": args.chunk_size,
         "conv_kernel": args.conv_kernel,
+        "positions": args.positions,
         "max_seq_len": args.seq_len,
     }
 

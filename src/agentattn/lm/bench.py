@@ -25,7 +25,8 @@ import torch
 
 from ..ops.causal_agent import causal_agent_prefill
 from ..ops.causal_linear import causal_linear_init_state
-from .model import AgentLM, AgentLMConfig, AgentMixerState, KVCache, state_nbytes
+from ..ops.causal_retention import CausalRetentionState
+from .model import ATTN_TYPES, AgentLM, AgentLMConfig, KVCache, MixerState, state_nbytes
 
 
 def _times_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_s: float = 2.0) -> list[float]:
@@ -45,15 +46,34 @@ def _times_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_s
     return times
 
 
+def _config_kwargs(attn_type: str, agent_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The speed baselines are the plain layers: causal SDPA without rotary embeddings, elu+1 linear attention,
+    neither with the causal conv (the agent layer keeps its conv, as the published figures were measured)."""
+    if attn_type == "agent":
+        return dict(agent_kwargs)
+    return {**agent_kwargs, "conv_kernel": 0, "positions": "none"}
+
+
 def _mixers(d_model: int, n_heads: int, **agent_kwargs: Any) -> dict[str, torch.nn.Module]:
     """One layer per attention type, with shared qkv/proj weights."""
     out = {}
-    for attn_type in ("agent", "softmax", "linear"):
-        cfg = AgentLMConfig(attn_type=attn_type, d_model=d_model, n_heads=n_heads, n_layers=1, **agent_kwargs)
+    for attn_type in ATTN_TYPES:
+        cfg = AgentLMConfig(
+            attn_type=attn_type,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_layers=1,
+            **_config_kwargs(attn_type, agent_kwargs),
+        )
         out[attn_type] = AgentLM(cfg).blocks[0].attn.eval()
     shared = {k: v for k, v in out["agent"].state_dict().items() if k.startswith(("qkv", "proj"))}
-    for name in ("softmax", "linear"):
-        out[name].load_state_dict(shared)
+    for name in ATTN_TYPES:
+        if name != "agent":
+            missing, unexpected = out[name].load_state_dict(shared, strict=False)
+            assert not unexpected and all(key.startswith("head_norm") for key in missing), (
+                missing,
+                unexpected,
+            )
     return out
 
 
@@ -93,20 +113,25 @@ def _decode_state(model: AgentLM, context: int) -> list[Any]:
     for block in model.blocks:
         if cfg.attn_type == "softmax":
             k = torch.randn(1, cfg.n_heads, context + 64, hd)
-            states.append(KVCache(k, torch.randn_like(k), context))
+            states.append(MixerState(KVCache(k, torch.randn_like(k), context), None))
         elif cfg.attn_type == "linear":
             st = causal_linear_init_state(1, cfg.n_heads, hd, hd)
             st.S.normal_().abs_()
             st.z.uniform_(1.0, 2.0).mul_(context)
             st.t = context
-            states.append(st)
+            states.append(MixerState(st, None))
+        elif cfg.attn_type == "retention":
+            states.append(
+                MixerState(CausalRetentionState(torch.randn(1, cfg.n_heads, hd, hd), context), None)
+            )
         else:
             mixer = block.attn
             k = torch.randn(1, cfg.n_heads, context, hd)
             st = causal_agent_prefill(
                 k, torch.randn_like(k), mixer.agents, mixer.log_decay.exp(), chunk_size=cfg.chunk_size
             )
-            states.append(AgentMixerState(st, torch.randn(1, max(cfg.conv_kernel - 1, 0), cfg.d_model)))
+            conv = torch.randn(1, cfg.conv_kernel - 1, cfg.d_model) if cfg.conv_kernel else None
+            states.append(MixerState(st, conv))
     return states
 
 
@@ -128,10 +153,10 @@ def decode(
                 d_model=d_model,
                 n_heads=n_heads,
                 max_seq_len=max(contexts) + steps + 64,
-                **agent_kwargs,
+                **_config_kwargs(t, agent_kwargs),
             )
         ).eval()
-        for t in ("agent", "softmax", "linear")
+        for t in ATTN_TYPES
     }
     per_round = max(steps // rounds, 1)
     token = torch.zeros(1, dtype=torch.long)

@@ -82,7 +82,7 @@ def _plot_speed(rows: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     contexts = [r["context"] for r in rows]
-    for name in ATTN_TYPES:
+    for name in (n for n in ATTN_TYPES if f"{n}_ms" in rows[0]):
         ax.plot(contexts, [r[f"{name}_ms"] for r in rows], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

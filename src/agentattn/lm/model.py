@@ -1,12 +1,16 @@
-"""``AgentLM``: a small GPT-style byte-level decoder whose attention is agent, softmax or linear.
+"""``AgentLM``: a small GPT-style byte-level decoder whose attention is agent, softmax, linear or retention.
 
-The three ``attn_type`` twins share everything but the attention mixer: embedding, pre-norm blocks (RMSNorm,
-attention, GELU MLP), q/k/v/output projections, init and output head.
+The ``attn_type`` twins share everything but the attention mixer: embedding, pre-norm blocks (RMSNorm, attention,
+GELU MLP), q/k/v/output projections, the causal depthwise conv on V, init and output head.
 
-Positions: none (NoPE). Causal masking alone carries position (Haviv et al. 2022; Kazemnejad et al. 2023), and a
-rotary embedding would not fit all three twins alike: it breaks the positive feature map of linear attention and
-the fixed agent tokens of the agent memory. Each mixer keeps only its own built-in positional prior: the agent layer
-its per-agent recency decay and its causal depthwise conv on V (the 1-D analogue of the paper's DWC).
+- ``softmax``: causal SDPA with rotary position embeddings by default (Transformer++); ``positions="none"`` gives
+  the NoPE variant.
+- ``linear``: elu+1 linear attention (no positions: a rotation would break its positive feature map).
+- ``retention``: RetNet's fixed-decay linear attention, the gated bounded-state baseline.
+- ``agent``: causal agent attention; its agents carry a per-agent recency decay.
+
+The causal depthwise conv on V (the 1-D analogue of the paper's DWC, kernel ``conv_kernel``, 0 = off) is an
+option of every mixer, so that its share of a mixer's quality can be measured (mixer × DWC on/off).
 """
 
 from __future__ import annotations
@@ -23,28 +27,36 @@ from torch import nn
 
 from ..io import quote
 from ..ops.causal_agent import (
-    CausalAgentState,
     _causal_agent_step,
     causal_agent_attention,
     causal_agent_prefill,
 )
 from ..ops.causal_linear import (
-    CausalLinearState,
     causal_linear_attention,
     causal_linear_prefill,
     causal_linear_step,
 )
+from ..ops.causal_retention import (
+    causal_retention,
+    causal_retention_prefill,
+    causal_retention_step,
+    retention_decays,
+)
 
-ATTN_TYPES = ("agent", "softmax", "linear")
+ATTN_TYPES = ("agent", "softmax", "linear", "retention")
+POSITIONS = ("rope", "none")
 
 
 @dataclass
 class AgentLMConfig:
     """Model hyper-parameters; every field but ``attn_type`` has a working default.
 
-    attn_type: "agent" (causal agent attention), "softmax" (SDPA, is_causal) or "linear" (elu+1).
-    num_agents, chunk_size, conv_kernel: agent attention only (n agents, chunk C: exact window C..2C tokens,
-    causal depthwise conv on V with this kernel, 0 = off).
+    attn_type: "agent" (causal agent attention), "softmax" (SDPA, is_causal), "linear" (elu+1) or "retention"
+    (RetNet's fixed per-head decay).
+    positions: softmax only: "rope" (rotary embeddings on q and k, base ``rope_base``) or "none" (NoPE).
+    conv_kernel: every mixer: the causal depthwise conv on V added to the attention output (0 = off).
+    num_agents: agent attention only. chunk_size: the chunk of the chunked forms (agent: its exact window of
+    C..2C tokens; linear and retention: a speed knob only).
     """
 
     attn_type: str
@@ -59,6 +71,8 @@ class AgentLMConfig:
     chunk_size: int = 32
     conv_kernel: int = 4
     norm_eps: float = 1e-5
+    positions: str = "rope"
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         if self.attn_type not in ATTN_TYPES:
@@ -79,6 +93,12 @@ class AgentLMConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.conv_kernel < 0:
             raise ValueError(f"conv_kernel must be >= 0, got {self.conv_kernel}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.attn_type == "softmax" and self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"rotary embeddings need an even head dim, got {self.d_model // self.n_heads}")
+        if not self.rope_base > 1.0:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -95,13 +115,43 @@ class AgentLMConfig:
 # attention mixers: forward(x) for training, prefill(x) -> (y, state) and step(x_t, state) for decoding
 
 
+@dataclass
+class MixerState:
+    """A mixer's decoding state: its attention state and, with the causal DWC, the last K - 1 values."""
+
+    attn: Any  # KVCache | CausalLinearState | CausalRetentionState | CausalAgentState
+    conv: torch.Tensor | None  # (B, K - 1, d_model), oldest first; None without the conv
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.attn.tensors(), *([] if self.conv is None else [self.conv])]
+
+    def nbytes(self) -> int:
+        return self.attn.nbytes() + (0 if self.conv is None else self.conv.numel() * self.conv.element_size())
+
+
+AgentMixerState = MixerState  # the name before every mixer could have the conv
+
+
 class _Mixer(nn.Module):
+    """q/k/v and output projections, and the optional causal depthwise conv on V shared by every mixer.
+
+    Subclasses implement ``_attend(q, k, v)`` (training), ``_prefill(q, k, v, capacity)`` → (y, attention
+    state) and ``_step(q, k, v, state)`` on (B, H, T, hd) heads; this class adds the conv and projects.
+    """
+
     def __init__(self, cfg: AgentLMConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.chunk_size = cfg.chunk_size
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.conv_kernel = cfg.conv_kernel
+        self.dwc = (
+            nn.Conv1d(cfg.d_model, cfg.d_model, cfg.conv_kernel, groups=cfg.d_model)
+            if cfg.conv_kernel
+            else None
+        )
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
@@ -111,6 +161,51 @@ class _Mixer(nn.Module):
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, hd = y.shape
         return y.transpose(1, 2).reshape(B, T, H * hd)
+
+    def _conv(self, v_seq: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise conv over time: v_seq (B, T, C) → (B, T, C), output t reading values t - K + 1 .. t.
+
+        The tokens are viewed as a channels-last (B, C, 1, T) map, so oneDNN works on them without the two
+        transposing copies of a (B, C, T) Conv1d; padding both ends by K - 1 and keeping the first T outputs makes
+        the conv causal.
+        """
+        K = self.conv_kernel
+        x = v_seq.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T), channels-last strides
+        out = F.conv2d(x, self.dwc.weight.unsqueeze(2), self.dwc.bias, padding=(0, K - 1), groups=x.shape[1])
+        return out.squeeze(2).transpose(1, 2)[:, : v_seq.shape[1]]  # (B, T, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) → (B, T, C)."""
+        q, k, v = self._heads(x)
+        y = self._merge(self._attend(q, k, v))
+        if self.dwc is not None:
+            y = y + self._conv(self._merge(v))
+        return self.proj(y)
+
+    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, MixerState]:
+        q, k, v = self._heads(x)
+        y, attn_state = self._prefill(q, k, v, capacity)
+        y = self._merge(y)
+        history = None
+        if self.dwc is not None:
+            v_seq = self._merge(v)
+            y = y + self._conv(v_seq)
+            keep = self.conv_kernel - 1  # the last K - 1 values, zero-padded in front
+            history = F.pad(v_seq, (0, 0, keep, 0))[:, v_seq.shape[1] :].contiguous()
+        return self.proj(y), MixerState(attn_state, history)
+
+    def step(self, x: torch.Tensor, state: MixerState) -> torch.Tensor:
+        q, k, v = self._heads(x)
+        y = self._merge(self._step(q, k, v, state.attn))
+        if self.dwc is not None:
+            # One output of the causal conv, Σ_k w[c, k]·v[k, c] over the last K values, written out in time-major
+            # layout (rows are contiguous vectors): a few µs, where a Conv1d call costs ~0.1 ms of oneDNN set-up.
+            window = torch.cat([state.conv, self._merge(v)], dim=1)  # (B, K, C)
+            y += (window * self.dwc.weight[:, 0].t()).sum(1, keepdim=True)
+            if self.dwc.bias is not None:
+                y += self.dwc.bias
+            state.conv = window[:, 1:]
+        return self.proj(y)
 
 
 @dataclass
@@ -129,143 +224,119 @@ class KVCache:
         return 2 * self.k[:, :, : self.t].numel() * self.k.element_size()
 
 
+def rotate(x: torch.Tensor, start: int, base: float) -> torch.Tensor:
+    """Rotary position embedding (RoFormer; the half-split layout of GPT-NeoX and LLaMA) of x (B, H, T, hd) at
+    positions start .. start + T - 1."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    positions = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
+    angles = positions[:, None] * inv_freq[None]  # (T, hd/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
 class SoftmaxMixer(_Mixer):
-    """Multi-head causal softmax attention through SDPA; decodes with a KV cache."""
+    """Multi-head causal softmax attention through SDPA, with rotary q/k by default; decodes with a KV cache."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
-        return self.proj(self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+    def __init__(self, cfg: AgentLMConfig) -> None:
+        super().__init__(cfg)
+        self.rope_base = cfg.rope_base if cfg.positions == "rope" else None
 
-    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, KVCache]:
-        q, k, v = self._heads(x)
+    def _positioned(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_base is None:
+            return q, k
+        return rotate(q, start, self.rope_base), rotate(k, start, self.rope_base)
+
+    def _attend(self, q, k, v):
+        q, k = self._positioned(q, k, 0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def _prefill(self, q, k, v, capacity):
+        q, k = self._positioned(q, k, 0)
         B, H, T, hd = k.shape
         cache = KVCache(k.new_zeros(B, H, max(capacity, T), hd), v.new_zeros(B, H, max(capacity, T), hd), T)
         cache.k[:, :, :T], cache.v[:, :, :T] = k, v
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(self._merge(y)), cache
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True), cache
 
-    def step(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        q, k, v = self._heads(x)
+    def _step(self, q, k, v, cache):
         if cache.t >= cache.k.shape[2]:
             raise ValueError(f"KV cache is full ({cache.k.shape[2]} positions)")
+        q, k = self._positioned(q, k, cache.t)
         cache.k[:, :, cache.t], cache.v[:, :, cache.t] = k[:, :, 0], v[:, :, 0]
         cache.t += 1
-        y = F.scaled_dot_product_attention(q, cache.k[:, :, : cache.t], cache.v[:, :, : cache.t])
-        return self.proj(self._merge(y))
+        return F.scaled_dot_product_attention(q, cache.k[:, :, : cache.t], cache.v[:, :, : cache.t])
 
 
 class LinearMixer(_Mixer):
     """Causal elu+1 linear attention (Katharopoulos et al., 2020); decodes with a (hd × hd + hd) state per head."""
 
+    def _attend(self, q, k, v):
+        return causal_linear_attention(q, k, v, chunk_size=self.chunk_size)
+
+    def _prefill(self, q, k, v, capacity):
+        return causal_linear_attention(q, k, v, chunk_size=self.chunk_size), causal_linear_prefill(k, v)
+
+    def _step(self, q, k, v, state):
+        return causal_linear_step(q, k, v, state)
+
+
+class RetentionMixer(_Mixer):
+    """RetNet's retention: linear attention with a fixed decay γ_h per head (1 - 2^(-5-h)), q scaled by hd^-0.5
+    and each head's output RMS-normalised (RetNet's GroupNorm); decodes with a (hd × hd) state per head."""
+
     def __init__(self, cfg: AgentLMConfig) -> None:
         super().__init__(cfg)
-        self.chunk_size = cfg.chunk_size
+        self.register_buffer("gamma", retention_decays(cfg.n_heads), persistent=False)
+        self.head_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
-        return self.proj(self._merge(causal_linear_attention(q, k, v, chunk_size=self.chunk_size)))
+    def _attend(self, q, k, v):
+        y = causal_retention(q * self.head_dim**-0.5, k, v, self.gamma, chunk_size=self.chunk_size)
+        return self.head_norm(y)
 
-    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, CausalLinearState]:
-        q, k, v = self._heads(x)
-        y = causal_linear_attention(q, k, v, chunk_size=self.chunk_size)
-        return self.proj(self._merge(y)), causal_linear_prefill(k, v)
+    def _prefill(self, q, k, v, capacity):
+        return self._attend(q, k, v), causal_retention_prefill(k, v, self.gamma)
 
-    def step(self, x: torch.Tensor, state: CausalLinearState) -> torch.Tensor:
-        q, k, v = self._heads(x)
-        return self.proj(self._merge(causal_linear_step(q, k, v, state)))
-
-
-@dataclass
-class AgentMixerState:
-    attn: CausalAgentState
-    conv: torch.Tensor  # (B, K - 1, d_model): the last K - 1 value vectors, oldest first, for the causal conv
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.attn.tensors(), self.conv]
-
-    def nbytes(self) -> int:
-        return self.attn.nbytes() + self.conv.numel() * self.conv.element_size()
+    def _step(self, q, k, v, state):
+        return self.head_norm(causal_retention_step(q * self.head_dim**-0.5, k, v, self.gamma, state))
 
 
 class AgentMixer(_Mixer):
-    """Causal agent attention (:mod:`agentattn.ops.causal_agent`) plus a causal depthwise Conv1d on V.
+    """Causal agent attention (:mod:`agentattn.ops.causal_agent`).
 
     Parameters beyond the twins': ``agents`` (H, n, hd), ``log_decay`` (H, n) with λ = exp(log_decay) log-spaced
-    from 1/2 to 1/2^10 per token at init (agents watch different time scales), ``agent_bias`` (H, n) and ``dwc``.
+    from 1/2 to 1/2^10 per token at init (agents watch different time scales) and ``agent_bias`` (H, n).
     """
 
     def __init__(self, cfg: AgentLMConfig) -> None:
         super().__init__(cfg)
-        self.chunk_size = cfg.chunk_size
         n = cfg.num_agents
         self.agents = nn.Parameter(torch.randn(cfg.n_heads, n, self.head_dim) * self.head_dim**-0.5)
         rates = torch.logspace(-1, -10, n, base=2.0) if n > 1 else torch.tensor([2.0**-5])
         self.log_decay = nn.Parameter(rates.log().repeat(cfg.n_heads, 1))
         self.agent_bias = nn.Parameter(torch.zeros(cfg.n_heads, n))
-        self.conv_kernel = cfg.conv_kernel
-        self.dwc = (
-            nn.Conv1d(cfg.d_model, cfg.d_model, cfg.conv_kernel, groups=cfg.d_model)
-            if cfg.conv_kernel
-            else None
-        )
 
-    def _conv(self, v_seq: torch.Tensor) -> torch.Tensor:
-        """Causal depthwise conv over time: v_seq (B, T, C) → (B, T, C), output t reading values t - K + 1 .. t.
-
-        The tokens are viewed as a channels-last (B, C, 1, T) map, so oneDNN works on them without the two
-        transposing copies of a (B, C, T) Conv1d; padding both ends by K - 1 and keeping the first T outputs makes
-        the conv causal.
-        """
-        K = self.conv_kernel
-        x = v_seq.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T), channels-last strides
-        out = F.conv2d(x, self.dwc.weight.unsqueeze(2), self.dwc.bias, padding=(0, K - 1), groups=x.shape[1])
-        return out.squeeze(2).transpose(1, 2)[:, : v_seq.shape[1]]  # (B, T, C)
-
-    def _attend_args(self) -> dict[str, torch.Tensor]:
-        return {"decay": self.log_decay.exp(), "agent_bias": self.agent_bias}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(x)
-        agents = self.agents.to(q.dtype)
-        y = self._merge(
-            causal_agent_attention(q, k, v, agents, **self._attend_args(), chunk_size=self.chunk_size)
-        )
-        if self.dwc is not None:
-            y = y + self._conv(self._merge(v))
-        return self.proj(y)
-
-    def prefill(self, x: torch.Tensor, capacity: int) -> tuple[torch.Tensor, AgentMixerState]:
-        q, k, v = self._heads(x)
+    def _attend(self, q, k, v):
         agents, decay = self.agents.to(q.dtype), self.log_decay.exp()
-        y = self._merge(
-            causal_agent_attention(q, k, v, agents, decay, self.agent_bias, chunk_size=self.chunk_size)
-        )
-        v_seq = self._merge(v)
-        if self.dwc is not None:
-            y = y + self._conv(v_seq)
-        keep = max(self.conv_kernel - 1, 0)
-        hist = F.pad(v_seq, (0, 0, keep, 0))[:, v_seq.shape[1] :]  # (B, K - 1, C): last values, zero-padded
-        state = causal_agent_prefill(k, v, agents, decay, chunk_size=self.chunk_size)
-        return self.proj(y), AgentMixerState(state, hist.contiguous())
+        return causal_agent_attention(q, k, v, agents, decay, self.agent_bias, chunk_size=self.chunk_size)
 
-    def step(self, x: torch.Tensor, state: AgentMixerState) -> torch.Tensor:
-        q, k, v = self._heads(x)
+    def _prefill(self, q, k, v, capacity):
+        agents, decay = self.agents.to(q.dtype), self.log_decay.exp()
+        y = causal_agent_attention(q, k, v, agents, decay, self.agent_bias, chunk_size=self.chunk_size)
+        return y, causal_agent_prefill(k, v, agents, decay, chunk_size=self.chunk_size)
+
+    def _step(self, q, k, v, state):
         # The unchecked step: q, k, v come from this layer; exp(log_decay) is only needed when a chunk is folded.
-        decay = self.log_decay.exp() if state.attn.folds_next else None
-        agents = self.agents.to(q.dtype)
-        y = self._merge(_causal_agent_step(q, k, v, agents, state.attn, decay, self.agent_bias, None))
-        if self.dwc is not None:
-            # One output of the causal conv, Σ_k w[c, k]·v[k, c] over the last K values, written out in time-major
-            # layout (rows are contiguous vectors): a few µs, where a Conv1d call costs ~0.1 ms of oneDNN set-up.
-            window = torch.cat([state.conv, self._merge(v)], dim=1)  # (B, K, C)
-            y += (window * self.dwc.weight[:, 0].t()).sum(1, keepdim=True)
-            if self.dwc.bias is not None:
-                y += self.dwc.bias
-            state.conv = window[:, 1:]
-        return self.proj(y)
+        decay = self.log_decay.exp() if state.folds_next else None
+        return _causal_agent_step(q, k, v, self.agents.to(q.dtype), state, decay, self.agent_bias, None)
 
 
-MIXERS: dict[str, type[_Mixer]] = {"agent": AgentMixer, "softmax": SoftmaxMixer, "linear": LinearMixer}
+MIXERS: dict[str, type[_Mixer]] = {
+    "agent": AgentMixer,
+    "softmax": SoftmaxMixer,
+    "linear": LinearMixer,
+    "retention": RetentionMixer,
+}
 
 
 class Block(nn.Module):
@@ -337,6 +408,14 @@ class AgentLM(nn.Module):
                 continue
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)
+        # The causal conv (PyTorch's default init, U(±1/sqrt(K))) from its own stream: twins with and without it
+        # start from the same shared weights.
+        conv_gen = torch.Generator().manual_seed(seed + 1)
+        bound = 1.0 / math.sqrt(max(self.config.conv_kernel, 1))
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.dwc.weight", "attn.dwc.bias")) and not p.is_meta:
+                with torch.no_grad():
+                    p.copy_((torch.rand(p.shape, generator=conv_gen) * 2 - 1) * bound)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -427,7 +506,7 @@ class AgentLM(nn.Module):
                 callback(token)
             if i == max_new_tokens - 1:
                 break
-            if self.config.attn_type == "softmax" and states[0].t >= max_len:
+            if self.config.attn_type == "softmax" and states[0].attn.t >= max_len:
                 logits, states = self.prefill(torch.cat(out, dim=1)[:, -max_len:], max_len)
             else:
                 logits = self.step(token, states)
