@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import shlex
 import sys
 import time
@@ -90,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", choices=ATTN_TYPES, required=True)
     _add_model_args(p, {})
     _add_train_args(p, {})
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cpu, cuda, cuda:N",
+    )
     p.add_argument(
         "--output",
         "--out",
@@ -200,20 +206,36 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    """One model; under torchrun every rank runs this, and rank 0 alone prints and writes."""
+    master = os.environ.get("RANK", "0") == "0"
     cfg = AgentLMConfig(attn_type=args.attn, **_model_kwargs(args))
     train_cfg = _train_config(args)
     corpus = ByteCorpus.load(args.data, args.cache_dir, min_split=2)
     out = Path(args.out) if args.out else Path("runs") / "lm" / f"{args.attn}-{_stamp()}"
-    torch.manual_seed(args.seed)
-    model = AgentLM(cfg)
-    _log(
-        f"{args.attn}: {model.num_params():,} params, data {args.data} ({corpus.train.numel():,} train bytes)"
-    )
+    device = _device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = AgentLM(cfg).to(device)
+    if master:
+        _log(
+            f"{args.attn}: {model.num_params():,} params, data {args.data} "
+            f"({corpus.train.numel():,} train bytes), device {device}"
+        )
     result = train_lm(
         model, corpus, train_cfg, out, _log, overwrite=args.overwrite, progress=not args.no_progress
     )
-    print(f"val bpb {result['val_bpb']:.4f}  checkpoint {out / 'model.safetensors'}")
+    if master:
+        print(f"val bpb {result['val_bpb']:.4f}  checkpoint {out / 'model.safetensors'}")
     return 0
 
 

@@ -287,18 +287,22 @@ class RetentionMixer(_Mixer):
 
     def __init__(self, cfg: AgentLMConfig) -> None:
         super().__init__(cfg)
-        self.register_buffer("gamma", retention_decays(cfg.n_heads), persistent=False)
         self.head_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps)
 
+    def _gamma(self, like: torch.Tensor) -> torch.Tensor:
+        # Made per call (H numbers), not kept in a buffer: fixed by the head count, and nothing to restore after a
+        # meta-device build (from_pretrained) or a load.
+        return retention_decays(self.n_heads).to(like.device)
+
     def _attend(self, q, k, v):
-        y = causal_retention(q * self.head_dim**-0.5, k, v, self.gamma, chunk_size=self.chunk_size)
+        y = causal_retention(q * self.head_dim**-0.5, k, v, self._gamma(q), chunk_size=self.chunk_size)
         return self.head_norm(y)
 
     def _prefill(self, q, k, v, capacity):
-        return self._attend(q, k, v), causal_retention_prefill(k, v, self.gamma)
+        return self._attend(q, k, v), causal_retention_prefill(k, v, self._gamma(k))
 
     def _step(self, q, k, v, state):
-        return self.head_norm(causal_retention_step(q * self.head_dim**-0.5, k, v, self.gamma, state))
+        return self.head_norm(causal_retention_step(q * self.head_dim**-0.5, k, v, self._gamma(q), state))
 
 
 class AgentMixer(_Mixer):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
@@ -128,16 +130,33 @@ def train_lm(
     ``model.safetensors`` and ``result.json`` under ``out_dir`` when given. ``progress`` shows a tqdm bar
     (the evaluation lines then go above it); ``log`` gets them otherwise.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel (gloo on CPU, nccl on CUDA):
+    every rank draws its own batches (global batch = ``batch_size`` × ranks), gradients are averaged, and only
+    rank 0 logs, evaluates the curve and writes files. ``model`` must start from the same weights on every rank
+    (build it after the same ``torch.manual_seed``; DDP also broadcasts rank 0's).
+
     Raises:
         ValueError: bad input, or ``out_dir`` holds an earlier run's results (and not ``overwrite``).
         RunDirectoryInUse: another live run holds ``out_dir`` (an ``OSError``).
     """
-    with contextlib.ExitStack() as stack:
-        out = Path(out_dir) if out_dir is not None else None
-        if out is not None:
-            stack.enter_context(lock_run_directory(out))  # for the run's whole life
-            prepare_output(out, RUN_FILES, overwrite, "--output")
-        return _train_lm(model, corpus, cfg, out, log, progress)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    started_group = False
+    if world_size > 1 and not dist.is_initialized():
+        device = next(model.parameters()).device
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        started_group = True
+    try:
+        with contextlib.ExitStack() as stack:
+            out = Path(out_dir) if out_dir is not None and rank == 0 else None
+            if out is not None:
+                stack.enter_context(lock_run_directory(out))  # for the run's whole life
+                prepare_output(out, RUN_FILES, overwrite, "--output")
+            return _train_lm(
+                model, corpus, cfg, out, log if rank == 0 else None, progress and rank == 0, world_size, rank
+            )
+    finally:
+        if started_group:
+            dist.destroy_process_group()
 
 
 def _train_lm(
@@ -147,10 +166,17 @@ def _train_lm(
     out: Path | None,
     log: Callable[[str], None] | None,
     progress: bool = False,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * rank)  # each rank its own batches
     device = next(model.parameters()).device
+    train_model: torch.nn.Module = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "agents" not in name else no_decay).append(p)
@@ -177,9 +203,13 @@ def _train_lm(
             lr = opt.param_groups[0]["lr"]
             x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, gen)
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
+            loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
+            mean_loss = loss.detach().clone()
+            if world_size > 1:  # the logged loss is the global batch's; every rank sees the same, also a NaN
+                dist.all_reduce(mean_loss)
+                mean_loss /= world_size
+            if not torch.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss.item()} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad > 0:
@@ -187,12 +217,12 @@ def _train_lm(
             opt.step()
             row: dict[str, float] = {
                 "step": step + 1,
-                "tokens": (step + 1) * cfg.batch_size * x.shape[1],
-                "train_bpb": loss.item() / LN2,
+                "tokens": (step + 1) * cfg.batch_size * world_size * x.shape[1],
+                "train_bpb": mean_loss.item() / LN2,
                 "lr": lr,
                 "time_s": time.perf_counter() - start,
             }
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if rank == 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 row["val_bpb"] = evaluate_bpb(
                     model, corpus.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches
                 )
@@ -216,7 +246,8 @@ def _train_lm(
     result = {
         "attn_type": model.config.attn_type,
         "params": model.num_params(),
-        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "tokens": cfg.steps * cfg.batch_size * world_size * cfg.seq_len,
+        "world_size": world_size,
         "train_time_s": train_time,
         "val_bpb": val_bpb,
         "history": history,
