@@ -171,6 +171,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--section", default=None, help="also write a `bench report` section JSON")
 
+    p = sub.add_parser(
+        "mqar",
+        formatter_class=parser.formatter_class,
+        help="multi-query associative recall (Zoology): accuracy against d_model per mixer",
+    )
+    p.add_argument("--attn", nargs="+", choices=ATTN_TYPES, default=list(ATTN_TYPES))
+    p.add_argument("--d-model", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--n-heads", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--pairs", type=int, default=16, help="key-value pairs per sequence")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-examples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--agents", nargs="+", default=["16x32"], metavar="NxC", help="agent runs: n agents x chunk C each"
+    )
+    p.add_argument("--conv-kernel", type=int, default=4, help="causal conv on V of every mixer, 0 = off")
+    p.add_argument("--output", "--out", dest="out", default="runs/mqar", help="writes mqar.json and mqar.png")
+    p.add_argument("--threads", type=int, default=None)
+
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
@@ -306,6 +330,29 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_grid(items: list[str]) -> list[tuple[int, int]]:
+    grid = []
+    for item in items:
+        n, sep, c = item.partition("x")
+        if not (sep and n.isdigit() and c.isdigit() and int(n) > 0 and int(c) > 0):
+            raise ValueError(f"--agents takes NxC pairs of positive ints (e.g. 16x32), got {item!r}")
+        grid.append((int(n), int(c)))
+    return grid
+
+
+def _cmd_mqar(args: argparse.Namespace) -> int:
+    from ..lm.mqar import MQARConfig, run_mqar
+
+    base = MQARConfig(
+        n_layers=args.n_layers, n_heads=args.n_heads, seq_len=args.seq_len, num_pairs=args.pairs,
+        vocab_size=args.vocab_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        eval_examples=args.eval_examples, seed=args.seed, model={"conv_kernel": args.conv_kernel},
+    )  # fmt: skip
+    rows = run_mqar(args.attn, args.d_model, base, Path(args.out), _agent_grid(args.agents), log=_log)
+    print(f"wrote {Path(args.out) / 'mqar.json'} ({len(rows)} runs)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ..lm.bench import run_benchmark
 
@@ -346,6 +393,7 @@ HANDLERS = {
     "sample": _cmd_sample,
     "compare": _cmd_compare,
     "bench": _cmd_bench,
+    "mqar": _cmd_mqar,
 }
 
 
