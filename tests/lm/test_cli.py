@@ -88,10 +88,11 @@ def test_sample_streams_text(checkpoint, capsys):
 def test_compare_writes_report(textfile, tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["lm", "compare", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN, "--speed-contexts", "16",
-               "--speed-budget-s", "0.01", "--time-budget-min", "0.5", "--out", str(out)])  # fmt: skip
+               "--speed-budget-s", "0.01", "--time-budget-min", "0.5", "--seeds", "0", "--conv-kernels", "4",
+               "--context-multiples", "1", "--out", str(out)])  # fmt: skip
     assert rc == 0
     report = (out / "report.md").read_text()
-    for name in ("agent", "softmax", "linear"):
+    for name in ("agent", "softmax", "linear", "retention"):
         assert f"| {name} |" in report
         assert (out / name / "model.safetensors").is_file()
     assert (out / "loss_curves.png").stat().st_size > 0 and (out / "speed_vs_context.png").stat().st_size > 0
@@ -99,6 +100,25 @@ def test_compare_writes_report(textfile, tmp_path, capsys):
     assert len(set(results["tokens"].values())) == 1  # the same token budget for every twin
     assert results["param_max_deviation"] <= 0.02
     assert results["train_config"]["steps"] == 1 and "capped from 3 to 1" in report  # the time budget bites
+
+
+def test_compare_over_seeds_conv_and_contexts(textfile, tmp_path, capsys):
+    """The study: every mixer × conv on/off × seeds; val and test at 1× and 2× the context; mean ± sd; a section."""
+    out, section = tmp_path / "study", tmp_path / "lm-quality.json"
+    rc = main(["lm", "compare", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN, "--speed-contexts",
+               "--attn", "agent", "softmax", "--seeds", "0", "1", "--conv-kernels", "4", "0",
+               "--context-multiples", "1", "2", "--section", str(section), "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    names = {f"{t}-conv{k}-seed{s}" for t in ("agent", "softmax") for k in (4, 0) for s in (0, 1)}
+    assert set(results["eval"]) == names and all((out / n / "model.safetensors").is_file() for n in names)
+    assert set(results["eval"]["agent-conv0-seed1"]) == {"val@1x", "val@2x", "test@1x", "test@2x"}
+    row = results["table"]["softmax|0"]["test@2x"]  # [mean, sd] over the two seeds
+    runs = [results["eval"][f"softmax-conv0-seed{s}"]["test@2x"] for s in (0, 1)]
+    assert row[0] == pytest.approx(sum(runs) / 2) and row[1] == pytest.approx(abs(runs[0] - runs[1]) / 2**0.5)
+    assert results["eval"]["agent-conv4-seed0"] != results["eval"]["agent-conv4-seed1"]  # the seed matters
+    assert "| softmax | 0 |" in (out / "report.md").read_text() and "±" in (out / "report.md").read_text()
+    assert "Bits per byte" in json.loads(section.read_text())["markdown"]
 
 
 def test_bench_writes_json(tmp_path, capsys):

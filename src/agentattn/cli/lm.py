@@ -28,18 +28,22 @@ from ..lm.data import ByteCorpus
 from ..lm.model import ATTN_TYPES, POSITIONS, AgentLM, AgentLMConfig
 from ..lm.train import LMTrainConfig, evaluate_bpb, train_lm
 
-# The default `compare` budget: sized to finish in <= 20 min on 2 shared CPU cores (see the README section).
+# The default `compare`: 1,250 steps × 16 × 256 bytes = 5.1 M training bytes per run, every mixer × conv on/off ×
+# 3 seeds, evaluated at 1×, 2× and 4× the context. About 7-9 min per run on 2 CPU cores: 24 runs, some 3-4 hours.
+# --seeds 0 --conv-kernels 4 --context-multiples 1 --time-budget-min 18 gives the quick one-seed report.
 COMPARE_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_seq_len": 256}
 COMPARE_TRAIN = {
-    "steps": 400,
-    "batch_size": 8,
+    "steps": 1250,
+    "batch_size": 16,
     "seq_len": 256,
     "lr": 3e-3,
-    "warmup_steps": 40,
-    "eval_every": 50,
+    "warmup_steps": 50,
+    "eval_every": 125,
 }
 COMPARE_SPEED_CONTEXTS = [256, 1024, 4096, 8192]
-COMPARE_TIME_BUDGET_MIN = 18.0
+COMPARE_TIME_BUDGET_MIN = 0.0
+COMPARE_SEEDS = [0, 1, 2]
+COMPARE_CONTEXT_MULTIPLES = [1, 2, 4]
 
 
 def _one_line(err: BaseException) -> str:
@@ -134,7 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "compare",
         formatter_class=parser.formatter_class,
-        help="train agent / softmax / linear twins on one budget; write a report",
+        help="train every twin (x conv on/off x seeds) on one budget, evaluate val/test at 1x/2x/4x context",
     )
     _add_model_args(p, COMPARE_MODEL)
     _add_train_args(p, COMPARE_TRAIN)
@@ -150,7 +154,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-budget-min",
         type=float,
         default=COMPARE_TIME_BUDGET_MIN,
-        help="cap --steps (equally for all twins) so that the run fits in this many minutes; 0 = no cap",
+        help="cap --steps (equally for all runs) so that the comparison fits in this many minutes; 0 = no cap",
+    )
+    p.add_argument(
+        "--attn", nargs="+", choices=ATTN_TYPES, default=list(ATTN_TYPES), help="the mixers compared"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=COMPARE_SEEDS, help="weights and data order per seed"
+    )
+    p.add_argument(
+        "--conv-kernels", type=int, nargs="+", default=None,
+        help="the causal conv kernels compared (0 = off); default: --conv-kernel, and 0",
+    )  # fmt: skip
+    p.add_argument(
+        "--context-multiples", type=int, nargs="+", default=COMPARE_CONTEXT_MULTIPLES,
+        help="evaluate val and test with windows of these multiples of --seq-len",
+    )  # fmt: skip
+    p.add_argument(
+        "--section", default=None, help="also write a `bench report` section JSON (for BENCHMARKS.md)"
     )
 
     p = sub.add_parser(
@@ -321,10 +342,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         log=_log,
         command=command,
         speed_budget_s=args.speed_budget_s,
+        attn_types=tuple(args.attn),
         time_budget_s=args.time_budget_min * 60 or None,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        seeds=tuple(args.seeds),
+        conv_kernels=tuple(args.conv_kernels or dict.fromkeys([args.conv_kernel, 0])),
+        context_multiples=tuple(args.context_multiples),
     )
+    if args.section:
+        from ..bench.attention import environment
+        from ..bench.report import write_section
+        from ..lm.compare import render_report
+
+        report = render_report(summary, False, False)
+        body = report.split("\n", 2)[2]  # without the report's own title
+        write_section(args.section, "Language modelling: quality over seeds, conv ablation, longer contexts",
+                      command or "agentattn lm compare", environment(args.threads), body)  # fmt: skip
     for t, bpb in summary["val_bpb"].items():
         print(f"{t:8s} val bpb {bpb:.4f}")
     return 0

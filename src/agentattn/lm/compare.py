@@ -1,11 +1,13 @@
-"""``agentattn lm compare``: train the agent / softmax / linear twins on one budget and write a report.
+"""``agentattn lm compare``: train the twins on one budget, over seeds and with the causal conv on and off, and
+evaluate them on the whole validation and test splits at 1×, 2× and 4× the training context.
 
 Each twin gets the same data order (seed), the same number of training tokens and the same architecture except
-for the attention mixer; parameter counts must agree within 2 %. The run directory gets ``report.md``,
-``results.json``, ``loss_curves.png``, ``speed_vs_context.png`` and one sub-directory per twin (metrics.jsonl,
-model.safetensors, result.json). The run holds the directory for its whole life (each twin's run its own
-sub-directory) and refuses to start over an earlier comparison's results unless ``overwrite``, which removes
-those files (nothing else).
+for the attention mixer; parameter counts must agree within 2 % (per conv setting). A run is one (mixer, conv
+kernel, seed); its sub-directory is named ``MIXER[-convK][-seedS]`` (the parts only when more than one value is
+compared). The run directory gets ``report.md`` (mean ± standard deviation over seeds), ``results.json``,
+``loss_curves.png``, ``speed_vs_context.png`` and the runs' sub-directories (metrics.jsonl, model.safetensors,
+result.json). The run holds the directory for its whole life (each run its own sub-directory) and refuses to start
+over an earlier comparison's results unless ``overwrite``, which removes those files (nothing else).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..train.record_checks import prepare_output
 from .bench import crossover, layer_forward
 from .data import ByteCorpus, random_batch
 from .model import ATTN_TYPES, AgentLM, AgentLMConfig
-from .train import RUN_FILES, LMTrainConfig, train_lm
+from .train import RUN_FILES, LMTrainConfig, evaluate_bpb, train_lm
 
 PARAM_TOLERANCE = 0.02
 # The files a comparison writes: what overwrite removes, and nothing else (the twins' runs for every attention).
@@ -37,6 +39,21 @@ COMPARE_FILES = (
     "speed_vs_context.png",
     *(f"{t}/{name}" for t in ATTN_TYPES for name in RUN_FILES),
 )
+EVAL_SPLITS = ("val", "test")
+
+
+def run_name(attn_type: str, conv_kernel: int, seed: int, several_convs: bool, several_seeds: bool) -> str:
+    """``MIXER[-convK][-seedS]``: the sub-directory of one run."""
+    return (
+        attn_type
+        + (f"-conv{conv_kernel}" if several_convs else "")
+        + (f"-seed{seed}" if several_seeds else "")
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
 
 
 def _plot_losses(results: dict[str, dict[str, Any]], path: Path) -> bool:
@@ -163,22 +180,41 @@ def run_compare(
     time_budget_s: float | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    seeds: tuple[int, ...] = (0,),
+    conv_kernels: tuple[int, ...] | None = None,
+    context_multiples: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
-    """Train every twin, evaluate, time, and write the report (a tqdm bar per twin with ``progress``). Returns
-    the results dict.
+    """Train every (mixer, conv kernel, seed), evaluate, time, and write the report (a tqdm bar per run with
+    ``progress``). Returns the results dict.
 
-    With ``time_budget_s``, the step count (the same for every twin) is capped so that the whole run fits:
-    see :func:`_steps_for_budget`.
+    Args:
+        seeds: each seed draws the initial weights and the data order, the same for every mixer.
+        conv_kernels: the causal conv kernels to compare (0 = off); default ``model_cfg["conv_kernel"]`` alone.
+        context_multiples: evaluate the whole val and test splits with windows of these multiples of the
+            training context (length extrapolation); the models are built with ``max_seq_len`` for the largest.
+        time_budget_s: cap the step count (the same for every run) so that the whole comparison fits: see
+            :func:`_steps_for_budget`.
 
     Raises:
         ValueError: bad input, or ``out_dir`` holds an earlier comparison's results (and not ``overwrite``).
-        RunDirectoryInUse: another live run holds ``out_dir`` or a twin's sub-directory (an ``OSError``).
+        RunDirectoryInUse: another live run holds ``out_dir`` or a run's sub-directory (an ``OSError``).
     """
+    convs = tuple(conv_kernels) if conv_kernels else (model_cfg.get("conv_kernel", 4),)
+    seeds, multiples = tuple(seeds), tuple(context_multiples)
+    for name, values in (("seeds", seeds), ("conv_kernels", convs), ("context_multiples", multiples)):
+        if not values or len(set(values)) != len(values):
+            raise ValueError(f"{name} must be distinct values, at least one, got {values}")
+    if any(k < 0 for k in convs) or any(m < 1 for m in multiples):
+        raise ValueError(f"conv_kernels must be >= 0 and context_multiples >= 1, got {convs} and {multiples}")
+    names = [
+        run_name(t, k, s, len(convs) > 1, len(seeds) > 1) for s in seeds for k in convs for t in attn_types
+    ]
+    files = (*COMPARE_FILES, *(f"{n}/{f}" for n in names for f in RUN_FILES))
     out_dir = Path(out_dir)
     with lock_run_directory(out_dir):  # for the run's whole life
-        prepare_output(out_dir, COMPARE_FILES, overwrite, "--output")
+        prepare_output(out_dir, files, overwrite, "--output")
         return _run_compare(corpus, model_cfg, train_cfg, out_dir, speed_contexts, attn_types, log, command,
-                            speed_budget_s, time_budget_s, progress)  # fmt: skip
+                            speed_budget_s, time_budget_s, progress, seeds, convs, multiples)  # fmt: skip
 
 
 def _run_compare(
@@ -192,25 +228,64 @@ def _run_compare(
     command: str,
     speed_budget_s: float,
     time_budget_s: float | None,
-    progress: bool = False,
+    progress: bool,
+    seeds: tuple[int, ...],
+    convs: tuple[int, ...],
+    multiples: tuple[int, ...],
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    configs = {t: AgentLMConfig(attn_type=t, **model_cfg) for t in attn_types}
-    params = {t: AgentLM(c).num_params() for t, c in configs.items()}
-    parity = check_param_parity(params) if "softmax" in params else 0.0
+    max_len = train_cfg.seq_len * max(multiples)
+    configs = {
+        (t, k): AgentLMConfig(attn_type=t, **{**model_cfg, "conv_kernel": k, "max_seq_len": max_len})
+        for k in convs
+        for t in attn_types
+    }
+    params = {
+        run_name(t, k, 0, len(convs) > 1, False): AgentLM(c).num_params() for (t, k), c in configs.items()
+    }
+    parity = 0.0
+    if "softmax" in attn_types:
+        for k in convs:
+            group = {t: params[run_name(t, k, 0, len(convs) > 1, False)] for t in attn_types}
+            parity = max(parity, check_param_parity(group))
     requested_steps = train_cfg.steps
     if time_budget_s:
+        every_run = {f"{key}-{s}": c for key, c in configs.items() for s in seeds}
         train_cfg = replace(
-            train_cfg, steps=_steps_for_budget(configs, corpus, train_cfg, time_budget_s, start, log)
+            train_cfg, steps=_steps_for_budget(every_run, corpus, train_cfg, time_budget_s, start, log)
         )
     log(f"parameters: {params} (max deviation {parity:.2%}); {train_cfg.steps} steps of "
-        f"{train_cfg.batch_size}x{train_cfg.seq_len} tokens each")  # fmt: skip
+        f"{train_cfg.batch_size}x{train_cfg.seq_len} tokens each; {len(configs) * len(seeds)} runs")  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
-    for t in attn_types:
-        log(f"== training {t}")
-        torch.manual_seed(train_cfg.seed)  # same init stream, same data order
-        model = AgentLM(configs[t])
-        results[t] = train_lm(model, corpus, replace(train_cfg), out_dir / t, log, progress=progress)
+    for seed in seeds:
+        for k in convs:
+            for t in attn_types:
+                name = run_name(t, k, seed, len(convs) > 1, len(seeds) > 1)
+                log(f"== training {name}")
+                torch.manual_seed(
+                    seed
+                )  # the same initial weights (shared parts) and data order for every mixer
+                model = AgentLM(configs[(t, k)])
+                result = train_lm(
+                    model, corpus, replace(train_cfg, seed=seed), out_dir / name, log, progress=progress
+                )
+                evals = {}
+                for split in EVAL_SPLITS:
+                    for m in multiples:
+                        if split == "val" and m == 1:
+                            evals["val@1x"] = result["val_bpb"]  # train_lm's final eval: the same windows
+                            continue
+                        tokens = corpus.split(split)
+                        evals[f"{split}@{m}x"] = evaluate_bpb(
+                            model, tokens, train_cfg.seq_len * m, batch_size=8
+                        )
+                log(f"   {name}: " + "  ".join(f"{key} {v:.4f}" for key, v in evals.items()))
+                results[name] = {**result, "attn_type": t, "conv_kernel": k, "seed": seed, "eval": evals}
+    table = {}  # (mixer, conv) -> eval key -> (mean, std) over seeds
+    for k in convs:
+        for t in attn_types:
+            runs = [r for r in results.values() if r["attn_type"] == t and r["conv_kernel"] == k]
+            table[f"{t}|{k}"] = {key: _mean_std([r["eval"][key] for r in runs]) for key in runs[0]["eval"]}
     speed_rows: list[dict[str, Any]] = []
     if speed_contexts:
         log(f"== speed vs context {speed_contexts}")
@@ -228,24 +303,34 @@ def _run_compare(
         "train_config": asdict(train_cfg),
         "requested_steps": requested_steps,
         "time_budget_s": time_budget_s,
+        "seeds": list(seeds),
+        "conv_kernels": list(convs),
+        "context_multiples": list(multiples),
         "params": params,
         "param_max_deviation": parity,
-        "tokens": {t: r["tokens"] for t, r in results.items()},
-        "val_bpb": {t: r["val_bpb"] for t, r in results.items()},
-        "train_time_s": {t: r["train_time_s"] for t, r in results.items()},
+        "tokens": {n: r["tokens"] for n, r in results.items()},
+        "val_bpb": {n: r["val_bpb"] for n, r in results.items()},
+        "eval": {n: r["eval"] for n, r in results.items()},
+        "train_time_s": {n: r["train_time_s"] for n, r in results.items()},
+        "table": {key: {e: list(v) for e, v in row.items()} for key, row in table.items()},
         "speed": speed_rows,
         "speed_crossover_context": crossover(speed_rows, "agent_ms", "softmax_ms") if speed_rows else None,
         "threads": torch.get_num_threads(),
     }
-    if {"agent", "softmax", "linear"} <= set(results):
-        bpb = summary["val_bpb"]
-        summary["agent_over_softmax"] = bpb["agent"] / bpb["softmax"]
-        summary["quality_pass"] = bool(bpb["agent"] <= 1.05 * bpb["softmax"] and bpb["agent"] < bpb["linear"])
+    headline = convs[0]
+    if {"agent", "softmax", "linear"} <= set(attn_types):
+        mean = {t: table[f"{t}|{headline}"]["val@1x"][0] for t in attn_types}
+        summary["agent_over_softmax"] = mean["agent"] / mean["softmax"]
+        baselines = [t for t in ("linear", "retention") if t in mean]
+        summary["quality_pass"] = bool(
+            summary["agent_over_softmax"] <= 1.0 and all(mean["agent"] < mean[t] for t in baselines)
+        )
     summary["wall_time_s"] = time.perf_counter() - start
-    has_loss_png = _plot_losses(results, out_dir / "loss_curves.png")
+    first_seed = {n: r for n, r in results.items() if r["seed"] == seeds[0]}
+    has_loss_png = _plot_losses(first_seed, out_dir / "loss_curves.png")
     has_speed_png = bool(speed_rows) and _plot_speed(speed_rows, out_dir / "speed_vs_context.png")
     atomic_write_text(out_dir / "results.json", json.dumps(
-        {**summary, "history": {t: r["history"] for t, r in results.items()}}, indent=1))  # fmt: skip
+        {**summary, "history": {n: r["history"] for n, r in results.items()}}, indent=1))  # fmt: skip
     atomic_write_text(out_dir / "report.md", render_report(summary, has_loss_png, has_speed_png))
     log(f"report: {out_dir / 'report.md'} ({summary['wall_time_s'] / 60:.1f} min)")
     return summary
@@ -253,41 +338,51 @@ def _run_compare(
 
 def render_report(s: dict[str, Any], loss_png: bool, speed_png: bool) -> str:
     mc, tc = s["model_config"], s["train_config"]
+    seeds, convs = s.get("seeds", [tc["seed"]]), s.get("conv_kernels", [mc.get("conv_kernel", 4)])
     lines = [
-        "# Causal agent attention vs softmax and linear attention (byte-level LM)",
+        "# Causal agent attention against softmax (Transformer++), linear and retention twins (byte-level LM)",
         "",
-        f"Data: `{s['data']}`, 90/5/5 contiguous split; val bpb over the whole validation split "
-        f"(non-overlapping windows of {tc['seq_len']} bytes).",
+        f"Data: `{s['data']}`, 90/5/5 contiguous split; bits per byte over the whole validation and test splits "
+        f"(non-overlapping windows of {tc['seq_len']} bytes, and of {', '.join(f'{m}×' for m in s.get('context_multiples', [1]))} "
+        "that length).",
         f"Model: d_model {mc.get('d_model', 128)}, {mc.get('n_layers', 4)} layers, {mc.get('n_heads', 4)} heads, "
-        f"RMSNorm, no positional embedding; agent: {mc.get('num_agents', 16)} agents, chunk "
-        f"{mc.get('chunk_size', 64)}, causal conv k={mc.get('conv_kernel', 4)}.",
+        f"RMSNorm; softmax positions: {mc.get('positions', 'rope')}; agent: {mc.get('num_agents', 16)} agents, "
+        f"chunk {mc.get('chunk_size', 32)}; causal conv kernels compared: {convs} (0 = off).",
         f"Training: {tc['steps']} steps × {tc['batch_size']} × {tc['seq_len']} bytes, AdamW lr {tc['lr']}, "
-        f"seed {tc['seed']}; {s['threads']} threads; wall time {s['wall_time_s'] / 60:.1f} min.",
+        f"seeds {seeds}; {s['threads']} threads; wall time {s['wall_time_s'] / 60:.1f} min.",
     ]
     if s.get("time_budget_s") and s.get("requested_steps") != tc["steps"]:
         lines.append(
-            f"The step count was capped from {s['requested_steps']} to {tc['steps']} (the same for every twin) "
+            f"The step count was capped from {s['requested_steps']} to {tc['steps']} (the same for every run) "
             f"to fit the {s['time_budget_s'] / 60:.0f}-minute budget, from timed steps on this machine."
         )
     if s.get("command"):
         lines += ["", f"Command: `{s['command']}`"]
-    lines += [
-        "",
-        "| attention | params | training tokens | val bpb | train time (s) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for t, bpb in s["val_bpb"].items():
+    table = s.get("table", {})
+    if table:
+        keys = list(next(iter(table.values())))
+        spread = "mean ± standard deviation over the seeds" if len(seeds) > 1 else "one seed"
+        lines += ["", f"## Bits per byte ({spread})", "", "| mixer | conv | " + " | ".join(keys) + " |",
+                  "|---|---:|" + "---:|" * len(keys)]  # fmt: skip
+        for row_key, row in table.items():
+            mixer, conv = row_key.split("|")
+            cells = [f"{m:.4f} ± {sd:.4f}" if len(seeds) > 1 else f"{m:.4f}" for m, sd in row.values()]
+            lines.append(f"| {mixer} | {conv} | " + " | ".join(cells) + " |")
+    lines += ["", "## Runs", "", "| run | params | training tokens | val bpb | train time (s) |",
+              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, bpb in s["val_bpb"].items():
+        base = name.split("-seed")[0]
         lines.append(
-            f"| {t} | {s['params'][t]:,} | {s['tokens'][t]:,} | {bpb:.4f} | {s['train_time_s'][t]:.0f} |"
+            f"| {name} | {s['params'].get(base, 0):,} | {s['tokens'][name]:,} | {bpb:.4f} | "
+            f"{s['train_time_s'][name]:.0f} |"
         )
     lines.append("")
     lines.append(f"Parameter counts agree within {s['param_max_deviation']:.2%} of the softmax twin.")
     if "agent_over_softmax" in s:
-        bpb = s["val_bpb"]
         lines += [
-            f"Agent / softmax val bpb: **{s['agent_over_softmax']:.4f}** (criterion ≤ 1.05); agent "
-            f"{'<' if bpb['agent'] < bpb['linear'] else '≥'} linear ({bpb['agent']:.4f} vs {bpb['linear']:.4f}). "
-            f"Quality criteria: **{'pass' if s['quality_pass'] else 'FAIL'}**.",
+            f"Agent / softmax (Transformer++) val bpb at 1× context, conv {convs[0]}, mean over the seeds: "
+            f"**{s['agent_over_softmax']:.4f}** (goal ≤ 1.00, with the agent below the linear and retention "
+            f"twins): **{'met' if s['quality_pass'] else 'not met'}**.",
         ]
     if loss_png:
         lines += ["", "![loss curves](loss_curves.png)"]
