@@ -68,10 +68,8 @@ def adaptive_avg_pool2d(x: torch.Tensor, output_size: tuple[int, int]) -> torch.
     """
     if not (torch.compiler.is_exporting() or torch.jit.is_tracing()):
         return F.adaptive_avg_pool2d(x, output_size)
-    (height, width), (rows, cols) = (
-        (int(s) for s in x.shape[-2:]),
-        output_size,
-    )  # a trace is fixed to its grid
+    height, width = (int(s) for s in x.shape[-2:])  # a trace is fixed to its grid
+    rows, cols = output_size
     if height % rows == 0 and width % cols == 0:
         kernel = (height // rows, width // cols)
         return F.avg_pool2d(x, kernel, stride=kernel)
