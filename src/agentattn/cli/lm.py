@@ -352,13 +352,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     )
     if args.section:
         from ..bench.attention import environment
-        from ..bench.report import write_section
-        from ..lm.compare import render_report
+        from ..lm.compare import write_compare_section
 
-        report = render_report(summary, False, False)
-        body = report.split("\n", 2)[2]  # without the report's own title
-        write_section(args.section, "Language modelling: quality over seeds, conv ablation, longer contexts",
-                      command or "agentattn lm compare", environment(args.threads), body)  # fmt: skip
+        write_compare_section(args.section, summary, environment(args.threads))
     for t, bpb in summary["val_bpb"].items():
         print(f"{t:8s} val bpb {bpb:.4f}")
     return 0

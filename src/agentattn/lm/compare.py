@@ -336,6 +336,20 @@ def _run_compare(
     return summary
 
 
+def write_compare_section(path: str | Path, summary: dict[str, Any], environment: dict[str, Any]) -> None:
+    """The comparison as a ``bench report`` section (rendered into BENCHMARKS.md): the report's tables, titled by
+    what was compared. ``summary`` is what :func:`run_compare` returns (``results.json`` without ``history``)."""
+    from ..bench.report import write_section
+
+    seeds, convs = summary["seeds"], summary["conv_kernels"]
+    title = (
+        f"Language modelling quality: {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, causal conv "
+        f"{' / '.join(str(k) for k in convs)}, contexts {' / '.join(f'{m}x' for m in summary['context_multiples'])}"
+    )
+    body = render_report(summary, False, False).split("\n", 2)[2]  # without the report's own title
+    write_section(path, title, summary.get("command") or "agentattn lm compare", environment, body)
+
+
 def render_report(s: dict[str, Any], loss_png: bool, speed_png: bool) -> str:
     mc, tc = s["model_config"], s["train_config"]
     seeds, convs = s.get("seeds", [tc["seed"]]), s.get("conv_kernels", [mc.get("conv_kernel", 4)])
