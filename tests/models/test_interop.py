@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.layers import get_notrace_functions, get_notrace_modules
+from timm.models import get_notrace_functions, get_notrace_modules
 from timm.models._manipulate import reinit_non_persistent_buffers
 
 import agentattn.models  # noqa: F401  (registers the models)

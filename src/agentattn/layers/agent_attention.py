@@ -17,7 +17,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module, trunc_normal_
+from timm.layers import trunc_normal_
+from timm.models import (
+    register_notrace_module,  # timm.models has it in every timm >= 1.0 (timm.layers from 1.0.17)
+)
 from torch import nn
 
 from ..ops import agent_attention

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_module
+from timm.models import register_notrace_module  # in every timm >= 1.0 (timm.layers only from 1.0.17)
 from torch import nn
 
 from ..ops import linear_attention

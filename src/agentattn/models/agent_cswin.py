@@ -28,8 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, register_notrace_module, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import (
+    generate_default_cfgs,
+    register_model,
+    register_notrace_module,  # in every timm >= 1.0 (timm.layers from 1.0.17)
+)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn

@@ -27,12 +27,15 @@ import torch.nn.functional as F
 from timm.layers import (
     DropPath,
     Mlp,
-    register_notrace_function,
-    register_notrace_module,
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import generate_default_cfgs, register_model
+from timm.models import (
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+    register_notrace_module,
+)
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn

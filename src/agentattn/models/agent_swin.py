@@ -30,12 +30,11 @@ from timm.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
-    register_notrace_module,
     resample_patch_embed,
     resize_rel_pos_bias_table,
     to_2tuple,
 )
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.swin_transformer import PatchMerging, WindowAttention, window_partition, window_reverse
