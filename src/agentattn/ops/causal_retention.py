@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .causal_agent import _compute_dtype
+from .causal_linear import _check as _check_qkv
 
 __all__ = [
     "CausalRetentionState",
@@ -38,18 +39,7 @@ def retention_decays(num_heads: int) -> torch.Tensor:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, T, d), got shape {tuple(t.shape)}")
-        if not t.is_floating_point() or t.dtype != q.dtype:
-            raise TypeError(f"{name} must be floating point with the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"q (B, H, T, d), k (B, H, T, d) and v (B, H, T, d_v) disagree: "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
+    _check_qkv(q, k, v)  # the linear form's checks: 4-D, one float dtype and device, matching shapes
     if gamma.shape != (q.shape[1],):
         raise ValueError(f"gamma must be (H,) = ({q.shape[1]},), got shape {tuple(gamma.shape)}")
 
