@@ -201,3 +201,69 @@ def test_rounds_section_judges_the_deit_goals(tmp_path):
     section = json.loads((tmp_path / "s.json").read_text())
     assert [g["met"] for g in section["goals"]] == [True, False]
     assert "| 197 | 64 | official | fwd_bwd | 1.25× | 1.25× |" in section["markdown"]
+
+
+def test_model_bench_backends_batches_and_softmax_twins(tmp_path, capsys):
+    from agentattn.bench import model as model_bench
+
+    out = tmp_path / "model.json"
+    argv = ["bench", "model", "agent_deit_tiny_patch16_224", "--img-size", "32", "48", "--batch", "2", "1",
+            "--rounds", "1", "--modes", "train", "--backends", "auto", "matmul", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["models"]
+    assert [(r["model"], r["img_size"], r["batch"]) for r in rows] == [
+        ("agent_deit_tiny_patch16_224[auto]", 32, 2),
+        ("agent_deit_tiny_patch16_224[matmul]", 32, 2),
+        ("agent_deit_tiny_patch16_224[auto]", 48, 1),
+        ("agent_deit_tiny_patch16_224[matmul]", 48, 1),
+    ]
+    assert rows[0]["official_math"] == "agent_deit_tiny_patch16_224[matmul]"
+    assert rows[0]["modes"]["train"]["vs_official_math"] > 0
+    assert "× official math" in capsys.readouterr().out
+    # A model without a timm counterpart gets its all-softmax twin; the twin really has no agent layer.
+    entries = model_bench.expand_entries(["agent_pvt_tiny_224", "deit_tiny_patch16_224"], ["auto"], True)
+    assert entries == ["agent_pvt_tiny_224", "agent_pvt_tiny_224[softmax]", "deit_tiny_patch16_224"]
+    twin = model_bench._build("agent_pvt_tiny_224[softmax]", 224)
+    assert twin.attn_type == "BBBB"
+    from agentattn.layers.agent_attention import AgentAttentionBase
+
+    assert not any(isinstance(m, AgentAttentionBase) for m in twin.modules())
+    assert main(["bench", "model", "deit_tiny_patch16_224", "--img-size", "32", "--batch", "2", "1"]) == 2
+    assert "--batch: one size, or one per --img-size" in capsys.readouterr().err
+
+
+def test_model_goals_judge_the_fused_rows_only(tmp_path):
+    from agentattn.bench import model as model_bench
+
+    def row(name, size, train_img_s):
+        return {"model": name, "img_size": size, "batch": 8, "params_m": 1.0, "gflops": 1.0,
+                "modes": {"train": {"img_per_s": train_img_s}}}  # fmt: skip
+
+    rows = [
+        row("agent_deit_tiny_patch16_224[triton]", 224, 130.0),
+        row("agent_deit_tiny_patch16_224[matmul]", 224, 100.0),
+        row("deit_tiny_patch16_224", 224, 120.0),
+        row("agent_pvt_tiny_224[triton]", 448, 90.0),
+        row("agent_pvt_tiny_224[matmul]", 448, 80.0),
+        row("agent_pvt_tiny_224[softmax]", 448, 100.0),
+    ]
+    model_bench._ratios(rows)
+    by_text = {g["goal"]: g for g in model_bench.goals(rows)}
+    official = next(g for t, g in by_text.items() if "official-math" in t)
+    assert official["met"] is True and "1.30×" in official["value"]
+    softmax = next(g for t, g in by_text.items() if "448 and above" in t)
+    assert (
+        softmax["met"] is False
+        and "0.90×" in softmax["value"]
+        and "agent_pvt_tiny_224[triton]" in softmax["value"]
+    )
+    deit = next(g for t, g in by_text.items() if "timm DeiT-T" in t)
+    assert deit["met"] is True and deit["value"] == "1.08×"
+    assert len(by_text) == 3
+    result = {"command": "agentattn bench model ...", "environment": {"gpu": "Test GPU"},
+              "config": {"batch": [256, 64], "rounds": 5, "warmup": 2, "device": "cuda", "amp": "bf16",
+                         "channels_last": True}, "models": rows}  # fmt: skip
+    model_bench.write_section(str(tmp_path / "s.json"), result)
+    section = json.loads((tmp_path / "s.json").read_text())
+    assert section["title"].startswith("Whole models on Test GPU")
+    assert "bf16 autocast, channels-last" in section["markdown"] and "× official math" in section["markdown"]

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (``ops.triton_agent``) against the naive op.
+"""The fused Triton kernels (``ops.triton_agent``) against the naive op, forward and backward, and their custom ops.
 
 On CUDA the kernels run natively. Without a GPU (CI) the same checks run on CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``), in a child process because Triton reads that variable when the kernels are defined.
@@ -51,10 +51,9 @@ def run_cases(device: str) -> list[float]:
         )
         if splits is not None:  # the slice count must not change the result
             direct = triton_agent.agent_attention_triton(
-                q, k, v, a, scale=d**-0.5, agent_bias=b1, query_bias=b2, splits=splits
+                q, k, v, a, scale=d**-0.5, agent_bias=b1, query_bias=b2, key_padding_mask=pad, splits=splits
             )
-            if pad is None:
-                assert (direct - out).abs().max() <= 1e-5 * out.abs().max()
+            assert (direct - out).abs().max() <= 1e-5 * out.abs().max()
 
         def dbl(x):
             return None if x is None else x.double()
@@ -103,9 +102,16 @@ def run_masked_row_cases(device: str) -> int:
                     q, k, v, a, agent_bias=b1, query_bias=b2, key_padding_mask=pad, backend="triton"
                 )
             else:
-                mask1 = b1 if pad is None else b1.masked_fill(pad[:, None, None, :], -inf)
                 out = triton_agent.agent_attention_triton(
-                    q, k, v, a, scale=d**-0.5, agent_bias=mask1, query_bias=b2, splits=splits
+                    q,
+                    k,
+                    v,
+                    a,
+                    scale=d**-0.5,
+                    agent_bias=b1,
+                    query_bias=b2,
+                    key_padding_mask=pad,
+                    splits=splits,
                 )
             ref = naive.agent_attention(
                 q.double(), k.double(), v.double(), a.double(), agent_bias=b1.double(),
@@ -179,8 +185,8 @@ def test_backend_argument_is_checked():
     x = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="backend must be one of"):
         agent_attention(x, x, x, x, backend="flash")
-    with pytest.raises(ValueError, match="forward-only"):
-        agent_attention(x.requires_grad_(), x, x, x, backend="triton")
+    with pytest.raises(ValueError, match="has no dropout"):
+        agent_attention(x, x, x, x, dropout_p=0.1, training=True, backend="triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="needs Triton, a CUDA tensor"):
             agent_attention(x.detach(), x.detach(), x.detach(), x.detach(), backend="triton")

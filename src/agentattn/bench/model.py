@@ -4,21 +4,30 @@
 counterparts, e.g. ``deit_tiny_patch16_224`` and ``agent_deit_tiny_patch16_224``) at each resolution and
 measures
 
-- inference: eval mode, ``torch.inference_mode``, batch ``--batch``, img/s = batch / median step time;
+- inference: eval mode, ``torch.inference_mode``, batch ``--batch`` (one, or one per ``--img-size``), img/s =
+  batch / median step time;
 - training: train mode, forward + cross-entropy + backward + SGD step, img/s likewise;
 
 after warm-up steps, interleaved over the models so that a slow spell of a shared machine hits all of them. It
 also records parameters and GFLOPs (one multiply-add = one FLOP, ``agentattn flops``'s convention). A model that
 fails to build or run at a size, or whose step exceeds ``--step-timeout``, is marked and the run goes on.
+
+On a GPU, as timm's ``benchmark.py`` runs it: ``--device cuda --amp bf16 --channels-last``. ``--backends`` times
+every agent model once per agent-attention backend (``ops.attention_backend``): ``auto``, ``triton`` (the fused
+kernels, forward and backward) and ``matmul`` (two explicit softmax matmuls: the official code's math), each row
+named ``model[backend]``. ``--softmax-twins`` adds, for an agent model with no timm counterpart (PVT, CSwin), the
+same model with softmax attention in every stage (``attn_type`` of all ``B``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import timm
 import torch
@@ -26,6 +35,7 @@ from torch import nn
 
 from .. import models as _models  # noqa: F401  (registers the agent models with timm)
 from ..models._flops import count_flops, count_params
+from ..ops.agent import BACKENDS, attention_backend
 from .attention import command_line, environment, write_json
 
 DEFAULT_MODELS = (
@@ -36,44 +46,111 @@ DEFAULT_MODELS = (
 )
 
 
-def _build(name: str, img_size: int) -> nn.Module:
+SOFTMAX_TWIN = "[softmax]"  # the suffix of an agent model rebuilt with softmax attention in every stage
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how the steps run: device, autocast dtype (None = off), channels-last input and weights."""
+
+    device: str = "cpu"
+    amp: torch.dtype | None = None
+    channels_last: bool = False
+
+
+def _spec(entry: str) -> tuple[str, str | None, bool]:
+    """``model``, ``model[backend]`` or ``model[softmax]`` → (timm name, backend or None, softmax twin)."""
+    if entry.endswith(SOFTMAX_TWIN):
+        return entry[: -len(SOFTMAX_TWIN)], None, True
+    if entry.endswith("]") and "[" in entry:
+        name, backend = entry[:-1].split("[", 1)
+        return name, backend, False
+    return entry, None, False
+
+
+def _build(entry: str, img_size: int) -> nn.Module:
+    name, _, twin = _spec(entry)
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=1000)
+    kwargs = {}
+    if twin:
+        stages = len(timm.create_model(name, pretrained=False, img_size=img_size).attn_type)
+        kwargs["attn_type"] = "B" * stages
+    return timm.create_model(name, pretrained=False, img_size=img_size, num_classes=1000, **kwargs)
 
 
-def _steps(model: nn.Module, batch: int, img_size: int) -> dict[str, Callable[[], None]]:
-    x = torch.randn(batch, 3, img_size, img_size)
-    target = torch.randint(0, 1000, (batch,))
+def _steps(model: nn.Module, batch: int, img_size: int, setup: Setup, backend: str | None):
+    """{"infer": step, "train": step} for ``model`` (moved to ``setup.device``); each step waits for the device."""
+    memory = torch.channels_last if setup.channels_last else torch.contiguous_format
+    model.to(setup.device, memory_format=memory)
+    x = torch.randn(batch, 3, img_size, img_size, device=setup.device).contiguous(memory_format=memory)
+    target = torch.randint(0, 1000, (batch,), device=setup.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
+    device_type = torch.device(setup.device).type
+
+    def context() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if setup.amp is not None:
+            stack.enter_context(torch.autocast(device_type, dtype=setup.amp))
+        if backend is not None:
+            stack.enter_context(attention_backend(backend))
+        return stack
+
+    def finish() -> None:
+        if device_type == "cuda":
+            torch.cuda.synchronize()
 
     def infer() -> None:
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), context():
             model(x)
+        finish()
 
     def train() -> None:
         model.train()
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), target).backward()
+        with context():
+            loss = loss_fn(model(x), target)
+        loss.backward()
         optimizer.step()
+        finish()
 
     return {"infer": infer, "train": train}
+
+
+def expand_entries(names: list[str], backends: list[str], softmax_twins: bool) -> list[str]:
+    """The rows to time: each agent model once per backend (``model[backend]``; plain when only ``auto``), its
+    softmax twin when asked and it has no timm counterpart, and every other model as given."""
+    entries: list[str] = []
+    for name in names:
+        if not name.startswith("agent_"):
+            entries.append(name)
+            continue
+        entries += [name if b == "auto" and len(backends) == 1 else f"{name}[{b}]" for b in backends]
+        if softmax_twins and counterpart(name) is None:
+            entries.append(name + SOFTMAX_TWIN)
+    return entries
 
 
 def bench_models(
     names: list[str],
     img_sizes: list[int],
-    batch: int = 16,
+    batch: int | list[int] = 16,
     warmup: int = 1,
     rounds: int = 3,
     step_timeout_s: float = 120.0,
     modes: tuple[str, ...] = ("infer", "train"),
     log: Callable[[str], None] = print,
+    setup: Setup = Setup(),
 ) -> list[dict]:
-    """One row per (model, size): params, GFLOPs, and per mode img/s (or a status)."""
+    """One row per (entry, size): params, GFLOPs, and per mode img/s (or a status). An entry is a timm model name,
+    ``name[backend]`` (its agent layers on that ``ops.attention_backend``) or ``name[softmax]`` (see
+    :func:`expand_entries`)."""
+    batches = batch if isinstance(batch, list) else [batch] * len(img_sizes)
+    if len(batches) != len(img_sizes):
+        raise ValueError(f"batch: one size, or one per image size {img_sizes}; got {batches}")
     rows: list[dict] = []
-    for size in img_sizes:
+    for size, batch in zip(img_sizes, batches, strict=True):
         built: dict[str, dict[str, Callable[[], None]]] = {}
         group: dict[str, dict] = {}
         for name in names:
@@ -84,11 +161,11 @@ def bench_models(
                 model = _build(name, size)
                 row["params_m"] = count_params(model) / 1e6
                 row["gflops"] = count_flops(model, (3, size, size)).total / 1e9
+                built[name] = _steps(model, batch, size, setup, _spec(name)[1])
             except Exception as e:  # an architecture that cannot take this size: mark it, go on
                 row["status"] = f"error: {type(e).__name__}: {str(e)[:160]}"
                 log(f"  {name} @ {size}: {row['status']}")
                 continue
-            built[name] = _steps(model, batch, size)
         for mode in modes:
             calls: dict[str, Callable[[], None]] = {}
             for name, steps in built.items():
@@ -123,19 +200,25 @@ def bench_models(
 
 
 def _ratios(rows: list[dict]) -> None:
-    """Attach to each agent model its timm counterpart's throughput ratio (agent / softmax), by name."""
+    """Attach to each agent row its softmax counterpart's throughput ratio (agent / softmax): timm's model by name,
+    else the model's own softmax twin; and, for ``name[backend]`` rows, the ratio to ``name[matmul]`` (the
+    official code's math)."""
     for row in rows:
-        other = counterpart(row["model"])
-        if other is None:
+        name, backend, twin = _spec(row["model"])
+        if twin:
             continue
-        ref = next((r for r in rows if r["model"] == other and r["img_size"] == row["img_size"]), None)
-        if ref is None:
-            continue
-        row["counterpart"] = other
-        for mode, r in row["modes"].items():
-            o = ref["modes"].get(mode, {})
-            if "img_per_s" in r and "img_per_s" in o:
-                r["vs_counterpart"] = r["img_per_s"] / o["img_per_s"]
+        others = {"counterpart": counterpart(name) or name + SOFTMAX_TWIN}
+        if backend not in (None, "matmul"):
+            others["official_math"] = f"{name}[matmul]"
+        for key, other in others.items():
+            ref = next((r for r in rows if r["model"] == other and r["img_size"] == row["img_size"]), None)
+            if ref is None:
+                continue
+            row[key] = other
+            for mode, r in row["modes"].items():
+                o = ref["modes"].get(mode, {})
+                if "img_per_s" in r and "img_per_s" in o:
+                    r[f"vs_{key}"] = r["img_per_s"] / o["img_per_s"]
 
 
 COUNTERPARTS = {
@@ -154,18 +237,22 @@ def counterpart(name: str) -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
+    official = any("official_math" in r for r in rows)
+    extra_head, extra_rule = (" × official math |", "---:|") if official else ("", "")
     lines = [
-        "| model | size | B | params (M) | GFLOPs | infer img/s | × softmax | train img/s | × softmax |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | size | B | params (M) | GFLOPs | infer img/s | × softmax | train img/s | × softmax |"
+        + extra_head,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + extra_rule,
     ]
     for r in rows:
         if "status" in r:
             lines.append(f"| {r['model']} | {r['img_size']} | {r['batch']} | – | – | {r['status']} | | | |")
             continue
         i, t = r["modes"].get("infer", {}), r["modes"].get("train", {})
+        extra = f" {_x(t, 'vs_official_math')} |" if official else ""
         lines.append(
             f"| {r['model']} | {r['img_size']} | {r['batch']} | {r['params_m']:.1f} | {r['gflops']:.2f} | "
-            f"{_rate(i)} | {_x(i)} | {_rate(t)} | {_x(t)} |"
+            f"{_rate(i)} | {_x(i)} | {_rate(t)} | {_x(t)} |" + extra
         )
     return "\n".join(lines)
 
@@ -174,20 +261,37 @@ def _rate(r: dict) -> str:
     return f"{r['img_per_s']:.1f}" if "img_per_s" in r else r.get("status", "–")
 
 
-def _x(r: dict) -> str:
-    return f"{r['vs_counterpart']:.2f}" if "vs_counterpart" in r else ""
+def _x(r: dict, key: str = "vs_counterpart") -> str:
+    return f"{r[key]:.2f}" if key in r else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help="timm model names")
     parser.add_argument("--img-size", type=int, nargs="+", default=[224, 448], help="input resolutions")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[16], help="batch size: one, or one per --img-size (in order)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model and mode")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per model and mode (interleaved)")
     parser.add_argument("--step-timeout", type=float, default=120.0, help="seconds allowed for one step")
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
+    parser.add_argument("--section", type=str, default=None, help="write a `bench report` section JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast dtype")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last weights and input")
+    parser.add_argument(
+        "--backends", nargs="+", default=["auto"], choices=list(BACKENDS),
+        help="agent-attention backends to time every agent model with (see ops.attention_backend)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--softmax-twins", action="store_true",
+        help="also time each agent model without a timm counterpart with softmax attention in every stage",
+    )  # fmt: skip
+
+
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,31 +299,108 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown model(s) {unknown}; see timm.list_models('agent_*')", file=sys.stderr)
         return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}: no CUDA device is visible", file=sys.stderr)
+        return 2
+    if len(args.batch) not in (1, len(args.img_size)):
+        print(f"error: --batch: one size, or one per --img-size ({len(args.img_size)}); got {args.batch}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     torch.set_num_threads(args.threads)
     env = environment(args.threads)
-    print(f"torch {env['torch']}, timm {env['timm']}, {env['threads']} threads, {env['cpu']}, fp32")
+    setup = Setup(args.device, AMP[args.amp], args.channels_last)
+    if setup.device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(setup.device))
+    print(f"torch {env['torch']}, timm {env['timm']}, {env.get('gpu') or str(env['threads']) + ' threads, ' + env['cpu']}"
+          f", amp {args.amp}, channels_last {args.channels_last}")  # fmt: skip
     rows = bench_models(
-        args.models,
+        expand_entries(args.models, args.backends, args.softmax_twins),
         args.img_size,
-        args.batch,
+        args.batch if len(args.batch) > 1 else args.batch[0],
         args.warmup,
         args.rounds,
         args.step_timeout,
         tuple(args.modes),
+        setup=setup,
     )
     print(format_table(rows))
+    config = {"batch": args.batch, "rounds": args.rounds, "warmup": args.warmup, "device": args.device,
+              "amp": args.amp, "channels_last": args.channels_last, "backends": args.backends}  # fmt: skip
+    result = {
+        "kind": "model",
+        "command": command_line("model"),
+        "environment": env,
+        "config": config,
+        "models": rows,
+    }
     if args.json:
-        write_json(
-            {
-                "kind": "model",
-                "command": command_line("model"),
-                "environment": env,
-                "config": {"batch": args.batch, "rounds": args.rounds, "warmup": args.warmup},
-                "models": rows,
-            },
-            args.json,
-        )
+        write_json(result, args.json)
+    if args.section:
+        write_section(args.section, result)
     return 0
+
+
+def describe(config: dict) -> str:
+    """One sentence on how the steps ran (older results carry no device fields: CPU, fp32)."""
+    batch = config["batch"]
+    batches = " / ".join(str(b) for b in batch) if isinstance(batch, list) else str(batch)
+    amp = config.get("amp", "none")
+    return (
+        f"timm benchmark.py style on {config.get('device', 'cpu')}: batch {batches} (per image size), "
+        f"{'fp32' if amp == 'none' else amp + ' autocast'}{', channels-last' if config.get('channels_last') else ''}; "
+        "inference in eval mode under `torch.inference_mode`, training = forward + cross-entropy + backward + SGD "
+        f"step; median of {config['rounds']} interleaved steps after {config['warmup']} warm-up step(s). "
+        "'× softmax' is the agent model's img/s over its softmax counterpart's at the same size (timm's model, or "
+        "the same model with softmax attention in every stage, `[softmax]`); '× official math' is a backend's "
+        "training img/s over the same model's on explicit matmuls (`[matmul]`, the official code's math). "
+        "GFLOPs: one multiply-add = one FLOP."
+    )
+
+
+# The GPU issue's whole-model training goals: (goal, image size (448: 448 and above), ratio key, target).
+TRAINING_GOALS = (
+    (
+        "every agent model, fused kernels, ≥ 1.3× its official-math counterpart at 224",
+        224,
+        "vs_official_math",
+        1.3,
+    ),
+    (
+        "every agent model, fused kernels, ≥ 1.5× its softmax counterpart at 448 and above",
+        448,
+        "vs_counterpart",
+        1.5,
+    ),
+)
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The whole-model training goals, judged on the ``[triton]`` rows (none judged where none ran)."""
+    out = []
+    fused = [r for r in rows if _spec(r["model"])[1] == "triton" and "train" in r["modes"]]
+    for text, size, key, target in TRAINING_GOALS:
+        measured = [r for r in fused if (r["img_size"] == size if size == 224 else r["img_size"] >= size)]
+        ratios = {r["model"]: r["modes"]["train"][key] for r in measured if key in r["modes"]["train"]}
+        if ratios:
+            worst = min(ratios, key=ratios.get)
+            out.append({"goal": text, "value": f"lowest {ratios[worst]:.2f}× ({worst})",
+                        "met": ratios[worst] >= target})  # fmt: skip
+    deit = next((r for r in fused if r["model"].startswith("agent_deit_tiny") and r["img_size"] == 224), None)
+    if deit and "vs_counterpart" in deit["modes"]["train"]:
+        ratio = deit["modes"]["train"]["vs_counterpart"]
+        out.append({"goal": "Agent-DeiT-T at 224, fused kernels, ≥ 1.0× timm DeiT-T (FlashAttention) in training",
+                    "value": f"{ratio:.2f}×", "met": ratio >= 1.0})  # fmt: skip
+    return out
+
+
+def write_section(path: str, result: dict) -> None:
+    """The result as a ``bench report`` section: how it ran, the table, and the training goals."""
+    from .report import write_section as write
+
+    where = result["environment"].get("gpu") or result["config"].get("device", "cpu")
+    title = f"Whole models on {where}: agent backends vs official math and softmax"
+    markdown = describe(result["config"]) + "\n\n" + format_table(result["models"])
+    write(path, title, result["command"], result["environment"], markdown, goals(result["models"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,11 +251,7 @@ def render_model(result: dict) -> str:
             "",
             _env_line(result["environment"]),
             "",
-            f"timm benchmark.py style: batch {result['config']['batch']}, fp32; inference in eval mode under "
-            "`torch.inference_mode`, training = forward + cross-entropy + backward + SGD step; median of "
-            f"{result['config']['rounds']} interleaved steps after {result['config']['warmup']} warm-up step(s). "
-            "'× softmax' is the agent model's img/s over its timm counterpart's at the same size. "
-            "GFLOPs: one multiply-add = one FLOP.",
+            model_bench.describe(result["config"]),
             "",
             model_bench.format_table(result["models"]),
             "",

@@ -14,12 +14,15 @@ and on autograd (``agentattn bench attention`` and ``agentattn bench gpu`` measu
   grad, which measured slower.
 - CUDA: SDPA for small problems; above ``CUDA_LARGE_WORK`` the fused Triton kernels of ``triton_agent`` for
   inference (split-K over the keys, which SDPA cannot do for n ≈ 49 queries) and explicit matmuls for training.
+  The fused kernels also train (``backend="triton"``, or an :func:`attention_backend` block); ``auto`` does not
+  pick them for training until a GPU run of ``agentattn bench gpu`` has measured where they win.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,32 @@ SDPA_TRAINING_DEVICES: tuple[str, ...] = ("cuda",)
 # and, for training, explicit matmuls (SDPA's memory-efficient backward runs ~B·H programs for the n agent
 # rows, 3.2× slower than matmuls at 64k tokens, 2× faster at 4k).
 CUDA_LARGE_WORK = 1 << 16
+
+
+_forced_backend: list[str] = []  # the stack of attention_backend() blocks; the innermost wins
+
+
+@contextlib.contextmanager
+def attention_backend(backend: str) -> Iterator[None]:
+    """Route every ``agent_attention(..., backend="auto")`` call inside the block, hence every agent layer of a model,
+    to ``backend`` (one of ``"sdpa"``, ``"matmul"``, ``"triton"``; ``"auto"`` restores the per-call choice), as
+    ``torch.nn.attention.sdpa_kernel`` does for SDPA. Not thread-local: it sets the choice for the process.
+
+    >>> with attention_backend("triton"):   # the fused kernels, forward and backward
+    ...     loss = model(images).logsumexp(-1).mean()
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _forced_backend.append(backend)
+    try:
+        yield
+    finally:
+        _forced_backend.pop()
+
+
+def forced_backend() -> str | None:
+    """The backend of the innermost :func:`attention_backend` block, or None outside any."""
+    return _forced_backend[-1] if _forced_backend else None
 
 
 def _as_4d(bias: torch.Tensor) -> torch.Tensor:
@@ -94,8 +123,9 @@ def agent_attention(
         backend: ``"auto"`` (default) picks per call: on CPU, SDPA for inference and explicit matmuls for
             training; on CUDA, SDPA below ``CUDA_LARGE_WORK`` = B·H·max(N, M), and above it the fused Triton
             kernels for inference and explicit matmuls for training; explicit matmuls under ``torch.export``.
-            ``"sdpa"``, ``"matmul"`` or ``"triton"`` force one; ``"triton"`` is forward-only and needs CUDA
-            (or ``TRITON_INTERPRET=1``).
+            ``"sdpa"``, ``"matmul"`` or ``"triton"`` force one (so does an enclosing :func:`attention_backend`
+            block for ``"auto"``); ``"triton"`` (the fused kernels of ``ops.triton_agent``, forward and backward,
+            no dropout) needs CUDA (or ``TRITON_INTERPRET=1``).
 
     Returns:
         (B, H, N, d_v). Biases are cast to the dtype of q. B = 0 gives an empty result.
@@ -117,19 +147,23 @@ def agent_attention(
     check_agent_attention_args(q, k, v, agents, agent_bias, query_bias, key_padding_mask, dropout_p, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     p = dropout_p if training else 0.0
-    mask1, all_padded = _agent_mask(agent_bias, key_padding_mask, q.dtype)
-    mask2 = None if query_bias is None else _as_4d(query_bias.to(q.dtype))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, agents, agent_bias, query_bias)
     )
+    if backend == "auto" and _forced_backend:
+        backend = _forced_backend[-1]
     chosen = _choose_backend(backend, q, v, agents, needs_grad, p)
-    if chosen == "triton":  # the kernels give a fully masked row of either bias a zero output themselves
-        out = triton_agent.agent_attention_triton(
-            q, k, v, agents, scale=s, agent_bias=mask1, query_bias=mask2
-        )
-        if all_padded is not None:  # zero agent values give a zero output
-            out = out.masked_fill(all_padded[:, None, None, None], 0.0)
-        return out
+    if (
+        chosen == "triton"
+    ):  # the kernels mask padded keys and fully masked rows themselves, forward and backward
+        return triton_agent.agent_attention_triton(
+            q, k, v, agents, scale=s,
+            agent_bias=None if agent_bias is None else agent_bias.to(q.dtype),
+            query_bias=None if query_bias is None else query_bias.to(q.dtype),
+            key_padding_mask=key_padding_mask,
+        )  # fmt: skip
+    mask1, all_padded = _agent_mask(agent_bias, key_padding_mask, q.dtype)
+    mask2 = None if query_bias is None else _as_4d(query_bias.to(q.dtype))
     # Fully masked rows (-inf throughout) are unmasked for the kernels (a softmax over nothing is NaN in the output
     # or in the gradient, depending on the kernel and the torch version) and their output rows multiplied by 0.
     check_first = check_rows_first(q)
@@ -178,10 +212,8 @@ def _choose_backend(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     triton_device = q.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and q.device.type == "cpu")
     if backend == "triton":
-        if needs_grad or dropout_p > 0:
-            raise ValueError(
-                "backend='triton' is forward-only: call it without gradients and without dropout"
-            )
+        if dropout_p > 0:
+            raise ValueError("backend='triton' has no dropout: call it with dropout_p=0 or training=False")
         if not (triton_device and triton_agent.supports(q, v, agents)):
             raise ValueError(
                 "backend='triton' needs Triton, a CUDA tensor (or TRITON_INTERPRET=1 on CPU), a float dtype and "

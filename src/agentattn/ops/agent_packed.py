@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._masked_rows import check_rows_first, fully_masked_rows
+from .agent import forced_backend
 from .tracing import is_tracing
 
 __all__ = ["agent_attention_packed", "packed_path_applies"]
@@ -47,10 +48,12 @@ __all__ = ["agent_attention_packed", "packed_path_applies"]
 def packed_path_applies(qkv: torch.Tensor) -> bool:
     """Whether :func:`agent_attention_packed` is the faster training path for this projection output.
 
-    CPU fp32/fp64 with autograd recording; not while tracing nor under autocast. CUDA keeps its SDPA / matmul paths.
+    CPU fp32/fp64 with autograd recording; not while tracing, under autocast, nor inside an
+    :func:`~agentattn.ops.attention_backend` block. CUDA keeps its SDPA / matmul paths.
     """
     return (
-        qkv.device.type == "cpu"
+        forced_backend() is None
+        and qkv.device.type == "cpu"
         and qkv.dtype in (torch.float32, torch.float64)
         and torch.is_grad_enabled()
         and qkv.requires_grad
