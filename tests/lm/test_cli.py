@@ -121,6 +121,47 @@ def test_compare_over_seeds_conv_and_contexts(textfile, tmp_path, capsys):
     assert "Bits per byte" in json.loads(section.read_text())["markdown"]
 
 
+def test_merge_of_single_seed_runs_equals_one_multi_seed_run(textfile, tmp_path, capsys):
+    """Seeds run one after another (or on several machines) and merged give the table of one --seeds run; files
+    that are not comparisons of the same study are refused with one line."""
+    common = ["lm", "compare", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN, "--speed-contexts",
+              "--attn", "agent", "softmax", "--conv-kernels", "4", "0", "--context-multiples", "1", "2"]  # fmt: skip
+    for seeds, name in ((["0"], "s0"), (["1"], "s1"), (["0", "1"], "both")):
+        assert main([*common, "--seeds", *seeds, "--out", str(tmp_path / name)]) == 0
+    merged, section = tmp_path / "merged", tmp_path / "merged.json"
+    argv = ["lm", "merge", str(tmp_path / "s1" / "results.json"), str(tmp_path / "s0" / "results.json")]
+    assert main([*argv, "--output", str(merged), "--section", str(section)]) == 0
+    got = json.loads((merged / "results.json").read_text())
+    want = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert got["seeds"] == [0, 1] and list(got["eval"]) == list(want["eval"])
+    assert got["eval"] == want["eval"] and got["table"] == want["table"]
+    assert (
+        "± " in (merged / "report.md").read_text() and "2 seeds" in json.loads(section.read_text())["title"]
+    )
+
+    def refused(paths, match):
+        capsys.readouterr()
+        assert main(["lm", "merge", *map(str, paths), "--output", str(tmp_path / "refused")]) == 1
+        assert match in capsys.readouterr().err
+
+    refused([tmp_path / "s0" / "results.json", tmp_path / "both" / "results.json"], "share seeds")
+    other = json.loads((tmp_path / "s1" / "results.json").read_text())
+    for key, value, match in (
+        ("train_config", {**other["train_config"], "lr": 1.0}, "train_config differs"),
+        ("params", {**other["params"], "agent-conv4": 1}, "params differs"),
+        ("conv_kernels", [4], "is not a run of this comparison (conv kernels [4]"),
+        ("eval", {**other["eval"], "agent-conv4": {"val@1x": float("nan")}}, "non-finite"),
+        ("eval", {"mamba-conv4": {}}, "is not a run of this comparison"),
+        ("seeds", "1", "'seeds' missing or not a list"),
+    ):
+        bad = tmp_path / f"bad-{key}.json"
+        bad.write_text(json.dumps({**other, key: value}))
+        refused([tmp_path / "s0" / "results.json", bad], match)
+    (tmp_path / "junk.json").write_bytes(b"\x80not json")
+    refused([tmp_path / "s0" / "results.json", tmp_path / "junk.json"], "not a readable JSON file")
+    refused([tmp_path / "s0" / "results.json"], "at least two")
+
+
 def test_bench_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     rc = main(["lm", "bench", "--layer-contexts", "16", "64", "--decode-contexts", "8", "40", "--d-model", "32",

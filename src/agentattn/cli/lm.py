@@ -1,9 +1,12 @@
-"""``agentattn lm {train,eval,sample,compare,bench}``: byte-level language modelling with causal agent attention.
+"""``agentattn lm {train,eval,sample,compare,merge,mqar,bench}``: byte-level language modelling with causal agent
+attention.
 
 agentattn lm train --attn agent [--data kjv|textfile:PATH] [--steps N] [--output DIR] [--overwrite]
 agentattn lm eval --checkpoint DIR/model.safetensors [--split val|test]
 agentattn lm sample --checkpoint FILE --prompt TEXT [--max-new-tokens N] [--temperature T]
 agentattn lm compare [--data ...] [--output runs/<timestamp>] [--overwrite]   (every twin, report.md)
+agentattn lm merge A/results.json B/results.json --output DIR  (comparisons of other seeds, as one)
+agentattn lm mqar [--d-model 64 128 256] --output DIR           (multi-query associative recall)
 agentattn lm bench [--json FILE]                             (speed figures: layer forward, decode, state size)
 
 A run directory (``--output``, also ``--out``) belongs to one live run; an earlier run's results in it are only replaced with
@@ -170,6 +173,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--context-multiples", type=int, nargs="+", default=COMPARE_CONTEXT_MULTIPLES,
         help="evaluate val and test with windows of these multiples of --seq-len",
     )  # fmt: skip
+    p.add_argument(
+        "--section", default=None, help="also write a `bench report` section JSON (for BENCHMARKS.md)"
+    )
+
+    p = sub.add_parser(
+        "merge",
+        formatter_class=parser.formatter_class,
+        help="merge lm compare results.json files run with different seeds into one comparison",
+    )
+    p.add_argument("results", nargs="+", help="results.json of each comparison (the same but for the seeds)")
+    p.add_argument("--output", "--out", dest="out", required=True, help="where the merged report goes")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier merge in --output"
+    )
     p.add_argument(
         "--section", default=None, help="also write a `bench report` section JSON (for BENCHMARKS.md)"
     )
@@ -360,6 +377,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from ..lm.compare import merge_compare
+
+    from_cli = sys.argv[1:2] == ["lm"]
+    command = "agentattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if from_cli else ""
+    summary = merge_compare([Path(p) for p in args.results], Path(args.out), args.overwrite, command)
+    if args.section:
+        from ..bench.attention import environment
+        from ..lm.compare import write_compare_section
+
+        write_compare_section(args.section, summary, environment(summary["threads"]))
+    print(f"merged seeds {summary['seeds']} into {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _agent_grid(items: list[str]) -> list[tuple[int, int]]:
     grid = []
     for item in items:
@@ -422,6 +454,7 @@ HANDLERS = {
     "eval": _cmd_eval,
     "sample": _cmd_sample,
     "compare": _cmd_compare,
+    "merge": _cmd_merge,
     "bench": _cmd_bench,
     "mqar": _cmd_mqar,
 }

@@ -281,11 +281,6 @@ def _run_compare(
                         )
                 log(f"   {name}: " + "  ".join(f"{key} {v:.4f}" for key, v in evals.items()))
                 results[name] = {**result, "attn_type": t, "conv_kernel": k, "seed": seed, "eval": evals}
-    table = {}  # (mixer, conv) -> eval key -> (mean, std) over seeds
-    for k in convs:
-        for t in attn_types:
-            runs = [r for r in results.values() if r["attn_type"] == t and r["conv_kernel"] == k]
-            table[f"{t}|{k}"] = {key: _mean_std([r["eval"][key] for r in runs]) for key in runs[0]["eval"]}
     speed_rows: list[dict[str, Any]] = []
     if speed_contexts:
         log(f"== speed vs context {speed_contexts}")
@@ -308,32 +303,173 @@ def _run_compare(
         "context_multiples": list(multiples),
         "params": params,
         "param_max_deviation": parity,
+        **_run_tables(results, attn_types, convs),
+        "speed": speed_rows,
+        "speed_crossover_context": crossover(speed_rows, "agent_ms", "softmax_ms") if speed_rows else None,
+        "threads": torch.get_num_threads(),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    _write_outputs(out_dir, summary, results)
+    log(f"report: {out_dir / 'report.md'} ({summary['wall_time_s'] / 60:.1f} min)")
+    return summary
+
+
+def _run_tables(
+    results: dict[str, dict[str, Any]], attn_types: tuple[str, ...], convs: tuple[int, ...]
+) -> dict[str, Any]:
+    """The per-run figures, the (mixer, conv) table of mean ± std over seeds, and the quality goal."""
+    table = {}  # (mixer, conv) -> eval key -> (mean, std) over seeds
+    for k in convs:
+        for t in attn_types:
+            runs = [r for r in results.values() if r["attn_type"] == t and r["conv_kernel"] == k]
+            table[f"{t}|{k}"] = {key: _mean_std([r["eval"][key] for r in runs]) for key in runs[0]["eval"]}
+    out: dict[str, Any] = {
         "tokens": {n: r["tokens"] for n, r in results.items()},
         "val_bpb": {n: r["val_bpb"] for n, r in results.items()},
         "eval": {n: r["eval"] for n, r in results.items()},
         "train_time_s": {n: r["train_time_s"] for n, r in results.items()},
         "table": {key: {e: list(v) for e, v in row.items()} for key, row in table.items()},
-        "speed": speed_rows,
-        "speed_crossover_context": crossover(speed_rows, "agent_ms", "softmax_ms") if speed_rows else None,
-        "threads": torch.get_num_threads(),
     }
-    headline = convs[0]
     if {"agent", "softmax", "linear"} <= set(attn_types):
-        mean = {t: table[f"{t}|{headline}"]["val@1x"][0] for t in attn_types}
-        summary["agent_over_softmax"] = mean["agent"] / mean["softmax"]
+        mean = {t: table[f"{t}|{convs[0]}"]["val@1x"][0] for t in attn_types}
+        out["agent_over_softmax"] = mean["agent"] / mean["softmax"]
         baselines = [t for t in ("linear", "retention") if t in mean]
-        summary["quality_pass"] = bool(
-            summary["agent_over_softmax"] <= 1.0 and all(mean["agent"] < mean[t] for t in baselines)
+        out["quality_pass"] = bool(
+            out["agent_over_softmax"] <= 1.0 and all(mean["agent"] < mean[t] for t in baselines)
         )
-    summary["wall_time_s"] = time.perf_counter() - start
-    first_seed = {n: r for n, r in results.items() if r["seed"] == seeds[0]}
+    return out
+
+
+def _write_outputs(out_dir: Path, summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+    """results.json (the summary and every run's loss history), report.md, and the figures."""
+    first_seed = {n: r for n, r in results.items() if r["seed"] == summary["seeds"][0]}
     has_loss_png = _plot_losses(first_seed, out_dir / "loss_curves.png")
+    speed_rows = summary["speed"]
     has_speed_png = bool(speed_rows) and _plot_speed(speed_rows, out_dir / "speed_vs_context.png")
     atomic_write_text(out_dir / "results.json", json.dumps(
         {**summary, "history": {n: r["history"] for n, r in results.items()}}, indent=1))  # fmt: skip
     atomic_write_text(out_dir / "report.md", render_report(summary, has_loss_png, has_speed_png))
-    log(f"report: {out_dir / 'report.md'} ({summary['wall_time_s'] / 60:.1f} min)")
+
+
+# What must agree between comparisons that are merged (the seed is what differs).
+_MERGE_SAME = ("data", "model_config", "conv_kernels", "context_multiples", "params")
+
+
+def merge_compare(
+    paths: list[Path], out_dir: Path, overwrite: bool = False, command: str = ""
+) -> dict[str, Any]:
+    """Merge the ``results.json`` of comparisons run with different seeds (one machine after another, or several
+    machines) into one comparison over all their seeds: the same report, table (mean ± std over every seed) and
+    ``results.json`` as one ``lm compare --seeds ...`` run would write into ``out_dir``.
+
+    The files are data: each must be a JSON object with the fields a comparison writes, with finite numbers, and
+    they must agree on the data, the model and training configuration (but the seed), the conv kernels, the context
+    multiples, the parameter counts and the mixers; their seeds must not overlap.
+
+    Raises:
+        ValueError: a file that is not such a comparison, disagreeing files, or overlapping seeds.
+    """
+    if len(paths) < 2:
+        raise ValueError(f"merge needs at least two results.json files, got {len(paths)}")
+    loaded = [_load_results(Path(p)) for p in paths]
+    first = loaded[0]
+    for path, other in zip(paths[1:], loaded[1:], strict=True):
+        for key in _MERGE_SAME:
+            if other[key] != first[key]:
+                raise ValueError(
+                    f"{path}: {key} differs from {paths[0]}'s: cannot merge different comparisons"
+                )
+        if _without_seed(other["train_config"]) != _without_seed(first["train_config"]):
+            raise ValueError(f"{path}: train_config differs (other than the seed) from {paths[0]}'s")
+    seeds = [s for r in loaded for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the files share seeds ({seeds}): each seed must come from one file only")
+    convs = tuple(first["conv_kernels"])
+    attn_types = tuple(dict.fromkeys(_run_of(n, first)[0] for n in first["eval"]))
+    results: dict[str, dict[str, Any]] = {}
+    for path, r in zip(paths, loaded, strict=True):
+        if tuple(dict.fromkeys(_run_of(n, r)[0] for n in r["eval"])) != attn_types:
+            raise ValueError(f"{path}: compares other mixers than {paths[0]}")
+        for name in r["eval"]:
+            t, k, seed = _run_of(name, r)
+            results[run_name(t, k, seed, len(convs) > 1, True)] = {
+                "attn_type": t, "conv_kernel": k, "seed": seed, "eval": r["eval"][name],
+                "val_bpb": r["val_bpb"][name], "tokens": r["tokens"][name], "train_time_s": r["train_time_s"][name],
+                "history": r.get("history", {}).get(name, []),
+            }  # fmt: skip
+    order = {s: i for i, s in enumerate(sorted(seeds))}
+    results = dict(sorted(results.items(), key=lambda kv: order[kv[1]["seed"]]))
+    summary = {
+        **{key: first[key] for key in ("data", "model_config", "requested_steps", "time_budget_s")},
+        "command": command,
+        "merged_from": [r.get("command", "") for r in loaded],
+        "train_config": {**first["train_config"], "seed": sorted(seeds)[0]},
+        "seeds": sorted(seeds),
+        "conv_kernels": list(convs),
+        "context_multiples": first["context_multiples"],
+        "params": first["params"],
+        "param_max_deviation": max(r["param_max_deviation"] for r in loaded),
+        **_run_tables(results, attn_types, convs),
+        "speed": next((r["speed"] for r in loaded if r.get("speed")), []),
+        "threads": first["threads"],
+        "wall_time_s": sum(r["wall_time_s"] for r in loaded),
+    }
+    summary["speed_crossover_context"] = (
+        crossover(summary["speed"], "agent_ms", "softmax_ms") if summary["speed"] else None
+    )
+    out_dir = Path(out_dir)
+    with lock_run_directory(out_dir):
+        prepare_output(out_dir, COMPARE_FILES, overwrite, "--output")
+        _write_outputs(out_dir, summary, results)
     return summary
+
+
+def _without_seed(train_config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in train_config.items() if k != "seed"}
+
+
+def _run_of(name: str, results: dict[str, Any]) -> tuple[str, int, int]:
+    """(mixer, conv kernel, seed) of a run name in one comparison's results."""
+    convs, seeds = results["conv_kernels"], results["seeds"]
+    for seed in seeds:
+        for k in convs:
+            for t in ATTN_TYPES:
+                if run_name(t, k, seed, len(convs) > 1, len(seeds) > 1) == name:
+                    return t, k, seed
+    raise ValueError(f"run {name!r} is not a run of this comparison (conv kernels {convs}, seeds {seeds})")
+
+
+def _load_results(path: Path) -> dict[str, Any]:
+    """One comparison's results.json, checked field by field (a file is data, never trusted)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({type(err).__name__})") from None
+    fields = {"data": str, "model_config": dict, "train_config": dict, "seeds": list, "conv_kernels": list,
+              "context_multiples": list, "params": dict, "eval": dict, "val_bpb": dict, "tokens": dict,
+              "train_time_s": dict, "param_max_deviation": float, "threads": int, "wall_time_s": float}  # fmt: skip
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an lm compare results.json (a JSON object)")
+    for key, kind in fields.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            raise ValueError(
+                f"{path}: not an lm compare results.json ({key!r} missing or not a {kind.__name__})"
+            )
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in data["seeds"] + data["conv_kernels"]):
+        raise ValueError(f"{path}: seeds and conv_kernels must be integers")
+    for name, evals in data["eval"].items():
+        try:
+            _run_of(name, data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        values = [*evals.values(), data["val_bpb"].get(name), data["train_time_s"].get(name)]
+        if not isinstance(evals, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
+            raise ValueError(f"{path}: run {name!r} has a missing or non-finite figure")
+        if not isinstance(data["tokens"].get(name), int):
+            raise ValueError(f"{path}: run {name!r} has no token count")
+    return data
 
 
 def write_compare_section(path: str | Path, summary: dict[str, Any], environment: dict[str, Any]) -> None:
