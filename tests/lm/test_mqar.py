@@ -58,3 +58,22 @@ def test_command_sweeps_mixers_and_agent_settings(tmp_path):
         (4, 8), (2, 16)}  # fmt: skip
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert main([*args[:-2], "--agents", "4y8", "--output", str(tmp_path)]) == 1
+
+
+def test_loss_on_the_queries_equals_the_full_logits_loss():
+    """Training computes logits at the query positions only (``lm_head(hidden_states[asked])``): the same loss as
+    the full (B, T, vocab) logits with the other positions ignored."""
+    from agentattn.lm import AgentLM, AgentLMConfig
+
+    torch.manual_seed(0)
+    model = AgentLM(AgentLMConfig(attn_type="agent", vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                  max_seq_len=32, num_agents=4, chunk_size=8))  # fmt: skip
+    inputs, labels = mqar_batch(4, 32, 4, 64, torch.Generator().manual_seed(1))
+    full = torch.nn.functional.cross_entropy(
+        model(inputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE
+    )
+    asked = labels != IGNORE
+    sparse = torch.nn.functional.cross_entropy(
+        model.lm_head(model.hidden_states(inputs)[asked]), labels[asked]
+    )
+    assert torch.allclose(full, sparse, rtol=1e-6, atol=1e-6)

@@ -232,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--conv-kernel", type=int, default=4, help="causal conv on V of every mixer, 0 = off")
     p.add_argument("--output", "--out", dest="out", default="runs/mqar", help="writes mqar.json and mqar.png")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -409,6 +410,7 @@ def _cmd_mqar(args: argparse.Namespace) -> int:
         n_layers=args.n_layers, n_heads=args.n_heads, seq_len=args.seq_len, num_pairs=args.pairs,
         vocab_size=args.vocab_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         eval_examples=args.eval_examples, seed=args.seed, model={"conv_kernel": args.conv_kernel},
+        device=args.device,
     )  # fmt: skip
     rows = run_mqar(args.attn, args.d_model, base, Path(args.out), _agent_grid(args.agents), log=_log)
     print(f"wrote {Path(args.out) / 'mqar.json'} ({len(rows)} runs)")

@@ -443,11 +443,16 @@ class AgentLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) int64, T <= max_seq_len → logits (B, T, vocab_size)."""
+        return self.lm_head(self.hidden_states(idx))
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) int64 → the final normalised states (B, T, C), before ``lm_head``: for a loss on a few
+        positions (``lm_head(h[mask])``) without the (B, T, vocab_size) logits."""
         self._check_idx(idx)
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.norm_f(x))
+        return self.norm_f(x)
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, list[Any]]:

@@ -69,10 +69,10 @@ def mqar_accuracy(model: AgentLM, inputs: torch.Tensor, labels: torch.Tensor) ->
     """Share of query positions whose argmax prediction is the right value."""
     was_training = model.training
     model.eval()
-    predicted = model(inputs).argmax(dim=-1)
-    model.train(was_training)
     asked = labels != IGNORE
-    return float((predicted[asked] == labels[asked]).float().mean())
+    predicted = model.lm_head(model.hidden_states(inputs)[asked]).argmax(dim=-1)  # logits at the queries only
+    model.train(was_training)
+    return float((predicted == labels[asked]).float().mean())
 
 
 @dataclass
@@ -92,6 +92,7 @@ class MQARConfig:
     eval_examples: int = 1000
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # e.g. num_agents, chunk_size, conv_kernel, positions
+    device: str = "cpu"  # the batches are drawn on the CPU (the same sequences on any device) and moved
 
 
 def train_mqar(config: MQARConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def train_mqar(config: MQARConfig, log: Callable[[str], None] | None = None) -> 
         max_seq_len=config.seq_len,
         **config.model,
     )
-    model = AgentLM(lm_config)
+    model = AgentLM(lm_config).to(config.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     train_gen = torch.Generator().manual_seed(config.seed)
@@ -117,7 +118,9 @@ def train_mqar(config: MQARConfig, log: Callable[[str], None] | None = None) -> 
         inputs, labels = mqar_batch(
             config.batch_size, config.seq_len, config.num_pairs, config.vocab_size, train_gen
         )
-        loss = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        inputs, labels = inputs.to(config.device), labels.to(config.device)
+        asked = labels != IGNORE  # the loss is on the query positions: only their logits are computed
+        loss = F.cross_entropy(model.lm_head(model.hidden_states(inputs)[asked]), labels[asked])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,6 +132,7 @@ def train_mqar(config: MQARConfig, log: Callable[[str], None] | None = None) -> 
     for first in range(0, config.eval_examples, 250):
         count = min(250, config.eval_examples - first)
         inputs, labels = mqar_batch(count, config.seq_len, config.num_pairs, config.vocab_size, eval_gen)
+        inputs, labels = inputs.to(config.device), labels.to(config.device)
         hits += mqar_accuracy(model, inputs, labels) * count
         total += count
     return {
