@@ -153,6 +153,7 @@ def test_merge_of_single_seed_runs_equals_one_multi_seed_run(textfile, tmp_path,
         ("eval", {**other["eval"], "agent-conv4": {"val@1x": float("nan")}}, "non-finite"),
         ("eval", {"mamba-conv4": {}}, "is not a run of this comparison"),
         ("seeds", "1", "'seeds' missing or not a list"),
+        ("history", {"agent-conv4": [{"tokens": "x"}]}, "'history' must map each run"),
     ):
         bad = tmp_path / f"bad-{key}.json"
         bad.write_text(json.dumps({**other, key: value}))
@@ -160,6 +161,16 @@ def test_merge_of_single_seed_runs_equals_one_multi_seed_run(textfile, tmp_path,
     (tmp_path / "junk.json").write_bytes(b"\x80not json")
     refused([tmp_path / "s0" / "results.json", tmp_path / "junk.json"], "not a readable JSON file")
     refused([tmp_path / "s0" / "results.json"], "at least two")
+    # Files stripped of their loss histories (as committed in benchmarks/results/lm-quality) merge too, no figure.
+    stripped = []
+    for name in ("s0", "s1"):
+        data = json.loads((tmp_path / name / "results.json").read_text())
+        data.pop("history")
+        stripped.append(tmp_path / f"{name}-stripped.json")
+        stripped[-1].write_text(json.dumps(data))
+    assert main(["lm", "merge", *map(str, stripped), "--output", str(tmp_path / "m2")]) == 0
+    assert json.loads((tmp_path / "m2" / "results.json").read_text())["table"] == want["table"]
+    assert not (tmp_path / "m2" / "loss_curves.png").exists()
 
 
 def test_bench_writes_json(tmp_path, capsys):

@@ -343,7 +343,10 @@ def _run_tables(
 def _write_outputs(out_dir: Path, summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
     """results.json (the summary and every run's loss history), report.md, and the figures."""
     first_seed = {n: r for n, r in results.items() if r["seed"] == summary["seeds"][0]}
-    has_loss_png = _plot_losses(first_seed, out_dir / "loss_curves.png")
+    # Merged results may come without their loss histories (results.json files stripped of them): no figure then.
+    has_loss_png = all(r["history"] for r in first_seed.values()) and _plot_losses(
+        first_seed, out_dir / "loss_curves.png"
+    )
     speed_rows = summary["speed"]
     has_speed_png = bool(speed_rows) and _plot_speed(speed_rows, out_dir / "speed_vs_context.png")
     atomic_write_text(out_dir / "results.json", json.dumps(
@@ -469,6 +472,19 @@ def _load_results(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: run {name!r} has a missing or non-finite figure")
         if not isinstance(data["tokens"].get(name), int):
             raise ValueError(f"{path}: run {name!r} has no token count")
+    history = data.get("history", {})
+    points = (
+        [r for runs in history.values() for r in (runs if isinstance(runs, list) else [None])]
+        if isinstance(history, dict)
+        else []
+    )
+    if not isinstance(history, dict) or not all(
+        isinstance(r, dict) and all(isinstance(r.get(k), int | float) for k in ("tokens", "train_bpb"))
+        for r in points
+    ):
+        raise ValueError(
+            f"{path}: 'history' must map each run to a list of {{tokens, train_bpb, ...}} points"
+        )
     return data
 
 
