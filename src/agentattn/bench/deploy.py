@@ -28,7 +28,7 @@ import torch
 
 from ..deploy.export import example_input, export_onnx, export_program, load_model
 from ..deploy.quantize import OnnxModel, quantize_onnx_int8
-from ..io import atomic_write_text
+from ..io import atomic_write_text, one_line
 from .attention import environment
 from .timing import median_ms
 
@@ -58,10 +58,6 @@ class ModelResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
-
-
 def bench_model(
     name: str,
     batches: list[int],
@@ -87,7 +83,7 @@ def bench_model(
                 result.img_per_s[backend][b] = 1e3 * b / ms
                 print(f"  {name} {backend} batch {b}: {result.img_per_s[backend][b]:.1f} img/s", flush=True)
         except Exception as err:  # one failing backend must not lose the run
-            result.errors[backend] = _one_line(err)
+            result.errors[backend] = f"{type(err).__name__}: {one_line(err, 200)}"
             print(f"  {name} {backend}: failed ({result.errors[backend]})", flush=True)
 
     if "eager" in backends:
@@ -101,7 +97,7 @@ def bench_model(
                 with torch.inference_mode():
                     compiled(inputs[b])
             except Exception as err:
-                result.errors["compile"] = _one_line(err)
+                result.errors["compile"] = f"{type(err).__name__}: {one_line(err, 200)}"
                 break
             result.compile_s[b] = time.perf_counter() - start
         if "compile" not in result.errors:
@@ -131,7 +127,7 @@ def bench_model(
                 result.onnx_mib["int8"] = int8.stat().st_size / 2**20
                 timed("ort-int8", OnnxModel(int8, threads))
         except Exception as err:
-            result.errors["onnx"] = _one_line(err)
+            result.errors["onnx"] = f"{type(err).__name__}: {one_line(err, 200)}"
             print(f"  {name} onnx: failed ({result.errors['onnx']})", flush=True)
     return result
 

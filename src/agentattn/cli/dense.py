@@ -19,7 +19,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from ..io import atomic_write_text, quote
+from ..io import atomic_write_text, one_line, quote
 from .defaults import show_config_defaults
 from .train import parse_model_kwargs
 
@@ -201,17 +201,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``train``/``eval``/``compare``; 0, or 1 with one line on stderr for bad input."""
     handler = {"train": _train, "eval": _eval, "compare": _compare}[args.dense_command]
     try:
         return handler(args)
     except (ValueError, OSError, FloatingPointError, ImportError) as err:
-        print(f"agentattn dense: error: {_one_line(err)}", file=sys.stderr)
+        print(f"agentattn dense: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("agentattn dense: interrupted", file=sys.stderr)

@@ -39,7 +39,7 @@ from ..deploy.export import (
     load_model,
 )
 from ..deploy.quantize import OnnxModel, quantize_onnx_int8, to_bf16
-from ..io import atomic_write_text
+from ..io import atomic_write_text, one_line
 from .train import parse_model_kwargs
 
 FORMATS = ("onnx", "torch-export")
@@ -68,10 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--eval-subset", type=int, default=None, help="--eval on N test images chosen from seed 0")
     add("--eval-batch-size", type=int, default=256)
     add("--json", type=Path, default=None, help="also write the check and --eval results here")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:400] or type(err).__name__
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -167,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         except Exception as err:  # exporter failures come as many types; report them in one line
             raise ValueError(
-                f"exporting {args.name} failed ({type(err).__name__}: {_one_line(err)})"
+                f"exporting {args.name} failed ({type(err).__name__}: {one_line(err, 400)})"
             ) from err
         elapsed = time.perf_counter() - start
         print(
@@ -212,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     except (ValueError, OSError, ImportError) as err:
-        print(f"agentattn export: error: {_one_line(err)}", file=sys.stderr)
+        print(f"agentattn export: error: {one_line(err, 400)}", file=sys.stderr)
         return 1
     finally:
         if tmp_fp32 is not None:

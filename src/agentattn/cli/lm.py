@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..io import one_line
 from ..lm.data import ByteCorpus
 from ..lm.model import ATTN_TYPES, POSITIONS, AgentLM, AgentLMConfig
 from ..lm.train import LMTrainConfig, evaluate_bpb, train_lm
@@ -47,10 +48,6 @@ COMPARE_SPEED_CONTEXTS = [256, 1024, 4096, 8192]
 COMPARE_TIME_BUDGET_MIN = 0.0
 COMPARE_SEEDS = [0, 1, 2]
 COMPARE_CONTEXT_MULTIPLES = [1, 2, 4]
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -469,7 +466,7 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         return HANDLERS[args.lm_command](args)
     except (ValueError, TypeError, OSError, FloatingPointError) as err:
-        print(f"agentattn lm: error: {_one_line(err)}", file=sys.stderr)
+        print(f"agentattn lm: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("agentattn lm: interrupted", file=sys.stderr)

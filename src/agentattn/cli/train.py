@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..io import one_line
 from ..train.loop import CHECKPOINT_NAME, PRESETS, TrainConfig, train
 from .defaults import show_config_defaults
 
@@ -106,10 +107,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def run(args: argparse.Namespace) -> int:
     """Train; return 0, or 1 with one line on stderr for bad input."""
     config = None
@@ -117,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         train(config)
     except (ValueError, OSError, FloatingPointError) as err:
-        print(f"agentattn train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"agentattn train: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         saved = config is not None and (Path(config.output) / CHECKPOINT_NAME).is_file()

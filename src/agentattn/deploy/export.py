@@ -25,7 +25,7 @@ import timm
 import torch
 from torch import nn
 
-from ..io import atomic_path, quote
+from ..io import atomic_path, one_line, quote
 from ..layers.agent_attention import AgentAttentionBase
 from ..models._checkpoint import load_pretrained
 from ..models.record import check_model_fits_weights
@@ -66,10 +66,6 @@ class ModelSpec:
 # Loading.
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:300] or type(err).__name__
-
-
 def _is_zoo_model(model: nn.Module) -> bool:
     return type(model).__module__.startswith("agentattn.models")
 
@@ -85,7 +81,7 @@ def _create(
                 name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
             )
         except (ValueError, AssertionError) as err:
-            raise ValueError(f"--img-size {img_size} does not work for {name}: {_one_line(err)}") from err
+            raise ValueError(f"--img-size {img_size} does not work for {name}: {one_line(err, 300)}") from err
         except TypeError as err:
             if "img_size" not in str(err):  # else a fully convolutional model (pvt_v2): any size runs
                 raise ValueError(f"model {name!r} rejects the model kwargs {kwargs}: {err}") from err
@@ -201,7 +197,7 @@ def check_runs(model: nn.Module, spec: ModelSpec) -> None:
             out = model(example_input(spec, 1))
     except (ValueError, RuntimeError, AssertionError, IndexError) as err:
         raise ValueError(
-            f"--img-size {spec.img_size} does not work for {spec.name}: {_one_line(err)}"
+            f"--img-size {spec.img_size} does not work for {spec.name}: {one_line(err, 300)}"
         ) from err
     if out.shape != (1, spec.num_classes):
         raise ValueError(

@@ -10,7 +10,7 @@ from .atomic import (
     remove_stale_temp_files,
     temp_writer_pid,
 )
-from .quote import quote
+from .quote import one_line, quote
 from .rundir import RunDirectoryInUse, lock_run_directory, run_directory_holder
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "lock_run_directory",
+    "one_line",
     "open_log",
     "quote",
     "remove_stale_temp_files",

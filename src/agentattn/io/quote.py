@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["quote"]
+__all__ = ["one_line", "quote"]
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel = 3
@@ -27,3 +27,12 @@ def quote(value: Any, limit: int = 200) -> str:
         text = f"<{type(value).__name__}>"
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(err: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line (whitespace runs collapsed), cut to ``limit`` characters when given; the
+    exception's type name when the message is empty. What every command prints after ``error:``."""
+    text = " ".join(str(err).split())
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text or type(err).__name__
