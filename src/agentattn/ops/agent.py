@@ -153,9 +153,8 @@ def agent_attention(
     if backend == "auto" and _forced_backend:
         backend = _forced_backend[-1]
     chosen = _choose_backend(backend, q, v, agents, needs_grad, p)
-    if (
-        chosen == "triton"
-    ):  # the kernels mask padded keys and fully masked rows themselves, forward and backward
+    # The fused kernels mask padded keys and fully masked rows themselves, forward and backward.
+    if chosen == "triton":
         return triton_agent.agent_attention_triton(
             q, k, v, agents, scale=s,
             agent_bias=None if agent_bias is None else agent_bias.to(q.dtype),
