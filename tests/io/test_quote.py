@@ -1,3 +1,4 @@
+"""``agentattn.io.one_line``: the one-line error text every command prints."""
 
 
 def test_one_line_collapses_cuts_and_names_an_empty_error():
