@@ -460,8 +460,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
-    return (0, 0, 0, 0) if t is None else tuple(t.stride())
+def _strides(t: torch.Tensor | None, dims: int = 4) -> tuple[int, ...]:
+    return (0,) * dims if t is None else tuple(t.stride())
 
 
 def _as_4d(bias: torch.Tensor) -> torch.Tensor:
@@ -486,6 +486,24 @@ def _blocks(q: torch.Tensor, v: torch.Tensor, agents: torch.Tensor) -> tuple[int
     return block_a, block_d, block_dv, block_k, precision, upcast
 
 
+def _kernel_masks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    agents: torch.Tensor,
+    agent_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """What the kernels read: B1 as a (B, H, n, M) view, B2 as a (B, H, N, n) view (stride 0 along broadcast dims,
+    no copy), the (B, M) padding mask as uint8."""
+    batch, heads, n_queries = q.shape[:3]
+    n_keys, n_agents = k.shape[-2], agents.shape[-2]
+    b1 = None if agent_bias is None else _as_4d(agent_bias).expand(batch, heads, n_agents, n_keys)
+    b2 = None if query_bias is None else _as_4d(query_bias).expand(batch, heads, n_queries, n_agents)
+    pad = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    return b1, b2, pad
+
+
 def _forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -504,9 +522,7 @@ def _forward(
     block_a, block_d, block_dv, block_k, precision, upcast = _blocks(q, v, agents)
     bh = batch * heads
     n_splits, keys_per_split = _splits(q.device, bh, n_keys, block_k, splits)
-    b1 = None if agent_bias is None else _as_4d(agent_bias).expand(batch, heads, n_agents, n_keys)
-    b2 = None if query_bias is None else _as_4d(query_bias).expand(batch, heads, n_queries, n_agents)
-    pad = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    b1, b2, pad = _kernel_masks(q, k, agents, agent_bias, query_bias, key_padding_mask)
 
     f32 = {"device": q.device, "dtype": torch.float32}
     row_max = torch.empty(bh, n_splits, block_a, **f32)
@@ -514,7 +530,7 @@ def _forward(
     partial = torch.empty(bh, n_splits, block_a, block_dv, **f32)
     _gather_fwd_kernel[(bh, n_splits)](
         agents, k, v, b1 if b1 is not None else q, pad if pad is not None else q, row_max, row_sum, partial,
-        *agents.stride(), *k.stride(), *v.stride(), *_strides(b1), *(pad.stride() if pad is not None else (0, 0)),
+        *agents.stride(), *k.stride(), *v.stride(), *_strides(b1), *_strides(pad, 2),
         heads, n_agents, n_keys, head_dim, value_dim, keys_per_split, scale,
         HAS_BIAS=b1 is not None, HAS_PAD=pad is not None, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_D=block_d,
         BLOCK_DV=block_dv, PRECISION=precision, UPCAST=upcast,
@@ -556,9 +572,7 @@ def _backward(
     block_a, block_d, block_dv, block_k, precision, upcast = _blocks(q, v, agents)
     bh = batch * heads
     f32 = {"device": q.device, "dtype": torch.float32}
-    b1 = None if agent_bias is None else _as_4d(agent_bias).expand(batch, heads, n_agents, n_keys)
-    b2 = None if query_bias is None else _as_4d(query_bias).expand(batch, heads, n_queries, n_agents)
-    pad = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    b1, b2, pad = _kernel_masks(q, k, agents, agent_bias, query_bias, key_padding_mask)
     grad_b1, grad_b2 = torch.empty(0, **f32), torch.empty(0, **f32)
     if bias_grads[0] and agent_bias is not None:
         grad_b1 = torch.zeros(_as_4d(agent_bias).shape, **f32)
@@ -593,7 +607,7 @@ def _backward(
     _gather_bwd_kernel[(bh, k_splits)](
         agents, k, v, b1 if b1 is not None else q, pad if pad is not None else q, agent_values, dva_part, lse1,
         dk, dv, grad_b1 if grad_b1.numel() else q, da_gather,
-        *agents.stride(), *k.stride(), *v.stride(), *_strides(b1), *(pad.stride() if pad is not None else (0, 0)),
+        *agents.stride(), *k.stride(), *v.stride(), *_strides(b1), *_strides(pad, 2),
         *dk.stride(), *dv.stride(), *db1_strides,
         heads, n_agents, n_keys, head_dim, value_dim, keys_per_split, q_splits, scale,
         HAS_BIAS=b1 is not None, HAS_PAD=pad is not None, BIAS_GRAD=bool(grad_b1.numel()), BLOCK_A=block_a,
