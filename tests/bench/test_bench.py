@@ -162,7 +162,7 @@ def test_report_goals_from_a_sweep():
                 fwd_bwd={"ms": 1.2, "ratio": 1.2}),
         ],
     }  # fmt: skip
-    goals = report.attention_goals(result)
+    goals = attention.attention_goals(result)
     assert [g["met"] for g in goals[:2]] == [True, False]
     assert goals[0]["value"] == "1.40× (rounds 1.25–1.50×)" and goals[1]["value"] == "1.20×"
 

@@ -8,6 +8,7 @@ import json
 
 from agentattn.bench import report
 from agentattn.bench.sd import Row, sd_goals, section_markdown
+from agentattn.bench.section import write_section
 from agentattn.lm.bench import section_markdown as lm_markdown
 from agentattn.lm.bench import speed_goals
 
@@ -21,9 +22,7 @@ def _sd_row(method: str, latent: int, ms: float, speedup: float) -> Row:
 def test_write_section_renders_in_the_report(tmp_path):
     path = tmp_path / "s.json"
     goals = [{"goal": "fast", "value": "2×", "met": True}]
-    report.write_section(
-        path, "Title", "agentattn bench x", {"cpu": "c", "gpu": "G"}, "| a |\n|---|\n| 1 |", goals
-    )
+    write_section(path, "Title", "agentattn bench x", {"cpu": "c", "gpu": "G"}, "| a |\n|---|\n| 1 |", goals)
     section = json.loads(path.read_text())
     assert section["kind"] == "section" and section["goals"] == goals
     text = report.render_section(section)

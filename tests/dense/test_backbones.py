@@ -191,7 +191,7 @@ def test_bad_input_is_rejected_clearly():
 
 def test_meta_device_flops_equal_a_real_count():
     from agentattn.dense.engine import backbone_flops
-    from agentattn.models._flops import count_flops
+    from agentattn.measure import count_flops
 
     bb = AgentBackbone("agent_pvt_tiny_224", agent_grids=(4, 5, 3, 2), **TINY["agent_pvt_tiny_224"])
     assert backbone_flops(bb, (72, 100)) == count_flops(bb, (3, 72, 100)).total > 0

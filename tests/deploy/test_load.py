@@ -8,7 +8,7 @@ import torch
 
 from agentattn.deploy import load_model
 from agentattn.deploy.export import check_runs
-from agentattn.models._checkpoint import save_safetensors
+from agentattn.io import save_safetensors
 
 from .conftest import FMNIST_KWARGS, FMNIST_MODEL, OFFICIAL_DEIT, REDUCED
 

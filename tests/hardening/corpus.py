@@ -598,7 +598,7 @@ def real_training_checkpoint() -> dict[str, Any]:
     if not _RUN:
         import tempfile
 
-        from agentattn.models._checkpoint import safe_torch_load
+        from agentattn.io import safe_torch_load
         from tests.train import TINY_CLI
 
         from .cases import run_cli

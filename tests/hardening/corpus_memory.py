@@ -16,12 +16,12 @@ import sys
 
 import torch
 
-from agentattn.report.memory import peak_kib, reset_peak_kib
+from agentattn.measure import peak_kib, reset_peak_kib
 
 
 def main(manifest: str) -> None:
+    from agentattn.io import load_checkpoint
     from agentattn.lm.model import AgentLM
-    from agentattn.models._checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
     with open(manifest) as f:

@@ -14,10 +14,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from agentattn.models._checkpoint import load_checkpoint, load_pretrained, safe_torch_load, save_safetensors
+from agentattn.io import atomic_torch_save, load_checkpoint, safe_torch_load, save_safetensors
+from agentattn.models.pretrained import load_pretrained
 from agentattn.train import load_training_checkpoint
 from agentattn.train.data import FASHION_MNIST_DIR
-from agentattn.train.loop import CHECKPOINT_FORMAT, atomic_torch_save, build_model
+from agentattn.train.loop import CHECKPOINT_FORMAT, build_model
 from tests.conftest import DATA_DIR
 from tests.train import TINY_CLI, TINY_KWARGS, TINY_MODEL
 

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from agentattn.deploy import load_model
+from agentattn.io import load_checkpoint, safe_torch_load
 from agentattn.lm.model import AgentLM
-from agentattn.models._checkpoint import load_checkpoint, load_pretrained, safe_torch_load
+from agentattn.models.pretrained import load_pretrained
 from agentattn.train.restore import model_from_checkpoint
 from tests.train import TINY_CLI
 

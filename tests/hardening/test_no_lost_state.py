@@ -29,8 +29,8 @@ from .cases import CliFailed, run_cli
 ATOMIC_WRITERS = {
     ("io/atomic.py", "atomic_path"),
     ("io/atomic.py", "atomic_open"),
-    ("train/loop.py", "atomic_torch_save"),
-    ("models/_checkpoint.py", "save_safetensors"),
+    ("io/checkpoint.py", "atomic_torch_save"),
+    ("io/checkpoint.py", "save_safetensors"),
 }
 # Appends (logs, through agentattn.io.open_log) are allowed: a kill can leave at most a partial last line, and
 # the training loop truncates its logs back to the checkpoint's recorded size on resume. A write that is not a data file (e.g. /proc) can be
@@ -122,8 +122,8 @@ def test_every_file_written_by_src_is_written_atomically():
                 continue
             offenders.append(f"{rel}:{line} {func}: {what}")
     assert not offenders, (
-        "files written in place (use agentattn.io.atomic_write_text/bytes, train.loop.atomic_torch_save or "
-        "models._checkpoint.save_safetensors):\n  " + "\n  ".join(offenders)
+        "files written in place (use agentattn.io.atomic_write_text/bytes, io.atomic_torch_save or "
+        "io.save_safetensors):\n  " + "\n  ".join(offenders)
     )
 
 
@@ -176,7 +176,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
 def test_disk_full_during_convert_and_flops_json(tmp_path, monkeypatch):
     import safetensors.torch
 
-    from agentattn.models._checkpoint import save_safetensors
+    from agentattn.io import save_safetensors
 
     src = tmp_path / "in.safetensors"
     save_safetensors({"w": torch.ones(3)}, src)
@@ -216,10 +216,31 @@ STEPS = 2 * (64 // 16)
 TIMING = {"time_s", "img_per_s", "epoch_time_s"}
 
 
-def _command(out: Path) -> list[str]:
+# Runs ``agentattn.cli.train`` with every torch.save held open for argv[1] seconds after it has written the whole
+# temp file, before the rename: it widens the window in which a kill lands inside a checkpoint write.
+SLOW_SAVE_LAUNCHER = """
+import runpy, sys, time
+import torch
+pause_s = float(sys.argv.pop(1))
+real_save = torch.save
+def slow_save(*args, **kwargs):
+    real_save(*args, **kwargs)
+    time.sleep(pause_s)
+torch.save = slow_save
+sys.argv[0] = "agentattn.cli.train"
+runpy.run_module("agentattn.cli.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _command(out: Path, save_pause_s: float | None = None) -> list[str]:
     # A kill before the first checkpoint leaves logs without a checkpoint: the documented way on is --overwrite.
     again = ["--resume"] if (out / "last.pth").exists() else ["--overwrite"] if out.exists() else []
-    return [PYTHON, "-m", "agentattn.cli.train", *TINY_CLI, "--output", str(out), "--epochs", "2",
+    launch = (
+        ["-m", "agentattn.cli.train"]
+        if save_pause_s is None
+        else ["-c", SLOW_SAVE_LAUNCHER, str(save_pause_s)]
+    )
+    return [PYTHON, *launch, *TINY_CLI, "--output", str(out), "--epochs", "2",
             "--batch-size", "16", "--train-subset", "64", "--eval-subset", "16", "--seed", "5", "--deterministic",
             "--ckpt-every-steps", "1", "--ema-decay", "0.9", "--mixup", "0.8", "--no-progress", *again]  # fmt: skip
 
@@ -240,13 +261,12 @@ def test_sigkill_at_random_points_never_loses_state(tmp_path):
     and compare the final weights and metrics with an uninterrupted run."""
     rng = random.Random(9)
     env = subprocess_env()
-    env["AGENTATTN_TEST_SAVE_PAUSE_S"] = (
-        "0.2"  # each save waits between its complete temp file and the rename
-    )
     out, straight = tmp_path / "killed", tmp_path / "straight"
     last_step, lost = 0, 0
     for cycle, mode in enumerate(("during write", "random", "during write")):
-        proc = subprocess.Popen(_command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _command(out, save_pause_s=0.2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         wait_saves = rng.randint(1, 3)  # let this many saves of this process start before acting
         seen, deadline = 0, time.monotonic() + 90
         while seen < wait_saves:
@@ -283,10 +303,9 @@ def test_sigkill_at_random_points_never_loses_state(tmp_path):
         figures.KILLS["lost data"] = lost
         assert ok, f"cycle {cycle} ({mode}): last.pth lost or went back (step {last_step})"
 
-    final = subprocess.run(_command(out), env=env, capture_output=True, text=True)
+    final = subprocess.run(_command(out, save_pause_s=0.2), env=env, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert not list(out.glob(".last.pth.tmp-*"))  # the killed writers' temp files went at the next start
-    env.pop("AGENTATTN_TEST_SAVE_PAUSE_S")
     reference = subprocess.run(_command(straight), env=env, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
     a, b = load_training_checkpoint(out / "last.pth"), load_training_checkpoint(straight / "last.pth")

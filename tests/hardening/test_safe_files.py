@@ -15,7 +15,8 @@ import timm
 import torch
 from torch import nn
 
-from agentattn.models._checkpoint import load_checkpoint, load_pretrained, safe_torch_load
+from agentattn.io import load_checkpoint, safe_torch_load
+from agentattn.models.pretrained import load_pretrained
 from agentattn.train import load_training_checkpoint
 from agentattn.train.data import FASHION_MNIST_DIR
 
@@ -113,7 +114,7 @@ def test_loader_never_runs_pickled_code(tmp_path, loader, layout, payload):
 
 def test_safetensors_files_hold_no_code(tmp_path):
     """safetensors is data only: a file with a pickle payload appended after the tensors is refused or ignored."""
-    from agentattn.models._checkpoint import save_safetensors
+    from agentattn.io import save_safetensors
 
     good = tmp_path / "w.safetensors"
     save_safetensors({"w": torch.ones(2)}, good)

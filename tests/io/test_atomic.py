@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from agentattn.io import atomic as atomic_module
-from agentattn.io import atomic_open, atomic_path, atomic_write_text, open_log, remove_stale_temp_files
+from agentattn.io import (
+    atomic_open,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_text,
+    load_checkpoint,
+    open_log,
+    remove_stale_temp_files,
+    save_safetensors,
+)
 from agentattn.io.atomic import temp_writer_pid
-from agentattn.models._checkpoint import load_checkpoint, save_safetensors
-from agentattn.train.loop import atomic_torch_save
 
 
 def _plant_old_temp_names(target, victim):

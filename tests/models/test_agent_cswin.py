@@ -50,7 +50,7 @@ def load_reduced(**overrides) -> AgentCSwinTransformer:
 
 
 def official_state_dict() -> dict[str, torch.Tensor]:
-    from agentattn.models._checkpoint import load_checkpoint
+    from agentattn.io import load_checkpoint
 
     return load_checkpoint(CHECKPOINT)
 

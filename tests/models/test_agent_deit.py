@@ -10,9 +10,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+from agentattn.io import load_checkpoint
 from agentattn.layers import AgentAttention, LinearAttention, SoftmaxAttention
 from agentattn.models import agent_deit
-from agentattn.models._checkpoint import load_checkpoint
 from agentattn.models.agent_deit import AgentDeiT, parse_attn_type
 from tests.conftest import DATA_DIR
 

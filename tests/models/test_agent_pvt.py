@@ -44,7 +44,7 @@ def load_reduced(**overrides) -> AgentPVT:
 
 
 def official_state_dict() -> dict[str, torch.Tensor]:
-    from agentattn.models._checkpoint import load_pretrained
+    from agentattn.models.pretrained import load_pretrained
 
     holder = AgentPVT(**reduced_kwargs())
     load_pretrained(holder, str(CHECKPOINT))
@@ -127,7 +127,7 @@ def test_reduced_vector_logits_and_features_match():
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bare_pth"])
 def test_converted_and_bare_checkpoints_load_the_same(fmt, tmp_path):
-    from agentattn.models._checkpoint import save_safetensors
+    from agentattn.io import save_safetensors
 
     ref = official_state_dict()
     path = tmp_path / f"weights.{'safetensors' if fmt == 'safetensors' else 'pth'}"

@@ -19,16 +19,15 @@ from safetensors import safe_open
 from torch import nn
 
 from agentattn.cli import convert
-from agentattn.layers import AgentAttention
-from agentattn.models._checkpoint import (
+from agentattn.io import (
     PickledObject,
     UnsafeCheckpointError,
     load_checkpoint,
-    load_pretrained,
-    resize_agent_bias_tables,
     safe_torch_load,
     save_safetensors,
 )
+from agentattn.layers import AgentAttention
+from agentattn.models.pretrained import load_pretrained, resize_agent_bias_tables
 from tests.conftest import DATA_DIR
 
 FAMILIES = ["deit", "pvt", "swin", "cswin"]

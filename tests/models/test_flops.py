@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agentattn.models._flops import FlopCounter, count_flops
+from agentattn.measure import FlopCounter, count_flops
 
 
 def _count(fn, *args):

@@ -8,7 +8,7 @@ import pytest
 import timm
 
 import agentattn  # noqa: F401  (registers the models)
-from agentattn.models._flops import count_flops, count_params
+from agentattn.measure import count_flops, count_params
 from tests.conftest import DATA_DIR
 
 MANIFESTS = {

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agentattn.ops import causal_agent_attention, naive_causal_agent_attention
+from agentattn.ops import causal_agent_attention, naive
 from agentattn.ops.causal_agent import causal_agent_init_state, causal_agent_prefill, causal_agent_step
 from agentattn.ops.causal_linear import (
     causal_linear_attention,
     causal_linear_init_state,
     causal_linear_prefill,
     causal_linear_step,
-    naive_causal_linear_attention,
 )
 from tests.conftest import assert_close_rel
 
@@ -51,7 +50,7 @@ def test_chunked_matches_naive_outputs_and_grads(T, chunk, with_prior):
     leaves = [t.clone().requires_grad_() for t in (q, k, v, agents)]
     extra = [] if decay is None else [decay.clone().requires_grad_(), bias.clone().requires_grad_()]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves + extra]
-    ref = naive_causal_agent_attention(*ref_leaves[:4], *(ref_leaves[4:] or [None, None]), chunk_size=chunk)
+    ref = naive.causal_agent_attention(*ref_leaves[:4], *(ref_leaves[4:] or [None, None]), chunk_size=chunk)
     out = causal_agent_attention(*leaves, *(extra or [None, None]), chunk_size=chunk)
     assert out.dtype == torch.float32
     assert_close_rel(out, ref, 1e-5, "output")
@@ -66,17 +65,17 @@ def test_chunked_matches_naive_outputs_and_grads(T, chunk, with_prior):
 
 def test_naive_fp32_matches_fp64():
     q, k, v, agents, decay, bias = _inputs(T=30)
-    ref = naive_causal_agent_attention(
+    ref = naive.causal_agent_attention(
         q.double(), k.double(), v.double(), agents.double(), decay, bias, chunk_size=4
     )
     assert_close_rel(
-        naive_causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4), ref, 1e-5, "naive"
+        naive.causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4), ref, 1e-5, "naive"
     )
 
 
 def test_recurrent_matches_naive():
     q, k, v, agents, decay, bias = _inputs(T=41)
-    ref = naive_causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4)
+    ref = naive.causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4)
     out, _ = _steps(q, k, v, agents, decay, bias, 4)
     assert_close_rel(out, ref, 1e-5, "token-by-token")
 
@@ -84,7 +83,7 @@ def test_recurrent_matches_naive():
 @pytest.mark.parametrize("prefix", [1, 4, 8, 9, 13, 30])
 def test_prefill_then_steps_matches_naive(prefix):
     q, k, v, agents, decay, bias = _inputs(T=37)
-    ref = naive_causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4)
+    ref = naive.causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4)
     state = causal_agent_prefill(k[:, :, :prefix], v[:, :, :prefix], agents, decay, chunk_size=4)
     assert state.t == prefix
     out, _ = _steps(q, k, v, agents, decay, bias, 4, state, start=prefix)
@@ -125,14 +124,14 @@ def test_leaky_pooling_is_caught():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_scaled_x50_is_stable(dtype):
     q, k, v, agents, decay, bias = _inputs(T=70, dtype=dtype, scale=50.0)
-    ref = naive_causal_agent_attention(
+    ref = naive.causal_agent_attention(
         q.double(), k.double(), v.double(), agents.double(), decay, bias, chunk_size=8
     )
     assert torch.isfinite(ref).all()
     chunked = causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=8)
     steps, _ = _steps(q, k, v, agents, decay, bias, 8)
-    naive = naive_causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=8)
-    for name, out in (("chunked", chunked), ("recurrent", steps), ("naive", naive)):
+    plain = naive.causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=8)
+    for name, out in (("chunked", chunked), ("recurrent", steps), ("naive", plain)):
         assert out.dtype == dtype
         assert torch.isfinite(out).all(), f"{name}: inf or NaN"
         # budget: one rounding step of bf16 (2^-8), far above what fp32 accumulation leaves
@@ -162,12 +161,12 @@ def test_state_size_does_not_depend_on_length():
 
 def test_causal_linear_forms_agree():
     q, k, v, *_ = _inputs(T=45)
-    ref = naive_causal_linear_attention(q.double(), k.double(), v.double())
+    ref = naive.causal_linear_attention(q.double(), k.double(), v.double())
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     out = causal_linear_attention(*leaves, chunk_size=8)
     assert_close_rel(out, ref, 1e-5, "chunked linear")
-    naive_causal_linear_attention(*ref_leaves).sum().backward()
+    naive.causal_linear_attention(*ref_leaves).sum().backward()
     out.sum().backward()
     for name, a, r in zip("qkv", leaves, ref_leaves, strict=True):
         assert_close_rel(a.grad, r.grad, 1e-5, f"linear grad {name}", floor=1e-3)
@@ -200,7 +199,7 @@ def test_bad_input(mutate, exc, match):
     q, k, v, agents, decay, bias = _inputs(T=10)
     args = {"q": q, "k": k, "v": v, "agents": agents, "decay": decay, "agent_bias": bias, "chunk_size": 4}
     mutate(args)
-    for fn in (causal_agent_attention, naive_causal_agent_attention):
+    for fn in (causal_agent_attention, naive.causal_agent_attention):
         with pytest.raises(exc, match=match):
             fn(**args)
 

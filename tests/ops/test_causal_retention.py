@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from agentattn.ops import naive
 from agentattn.ops.causal_retention import (
     causal_retention,
     causal_retention_prefill,
     causal_retention_step,
-    naive_causal_retention,
     retention_decays,
 )
 from tests.conftest import assert_close_rel
@@ -33,7 +33,7 @@ def test_chunked_matches_naive_outputs_and_grads(T, chunk):
     leaves = [t.requires_grad_() for t in _inputs(T)]
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
     out = causal_retention(*leaves, gamma, chunk_size=chunk)
-    ref = naive_causal_retention(*ref_leaves, gamma)
+    ref = naive.causal_retention(*ref_leaves, gamma)
     assert_close_rel(out, ref, 1e-10, "output")
     weight = torch.randn_like(ref)
     (out * weight).sum().backward()
@@ -45,7 +45,7 @@ def test_chunked_matches_naive_outputs_and_grads(T, chunk):
 def test_fp32_matches_fp64():
     gamma = retention_decays(H)
     q, k, v = _inputs(50)
-    ref = naive_causal_retention(q, k, v, gamma.double())
+    ref = naive.causal_retention(q, k, v, gamma.double())
     assert_close_rel(
         causal_retention(q.float(), k.float(), v.float(), gamma, chunk_size=16), ref, 1e-5, "fp32"
     )
@@ -55,7 +55,7 @@ def test_fp32_matches_fp64():
 def test_prefill_then_steps_matches_naive(prefix):
     gamma = retention_decays(H).double()
     q, k, v = _inputs(29)
-    ref = naive_causal_retention(q, k, v, gamma)
+    ref = naive.causal_retention(q, k, v, gamma)
     state = causal_retention_prefill(k[:, :, :prefix], v[:, :, :prefix], gamma)
     steps = [
         causal_retention_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], gamma, state)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from agentattn.cli import eval as eval_cli
+from agentattn.io import atomic_torch_save
 from agentattn.train import TrainConfig, load_training_checkpoint, train
-from agentattn.train.loop import atomic_torch_save
 
 from . import TINY_KWARGS, TINY_MODEL, needs_fashion_mnist
 

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -42,12 +39,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io import atomic_open, atomic_write_text
+from .. import measure
+from ..io import atomic_open, atomic_write_json
 from ..layers import AgentAttention, LinearAttention
+from ..measure import command_line, environment, median_ms, peak_kib, reset_peak_kib
 from ..ops import agent_attention
-from ..report.memory import peak_kib, reset_peak_kib
 from .official import OfficialAgentAttention, SoftmaxAttention
-from .timing import median_ms
+from .section import write_section
 
 TOKEN_BUDGET = (
     12608  # B·N of the DeiT-T config (B = 64, N = 197); larger N get a smaller batch (1 from 12545)
@@ -389,36 +387,6 @@ def _timed_matmul(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- output ------------------------------------------------------------------------------------------------------
-def environment(threads: int | None = None) -> dict:
-    """Machine and library versions, recorded with every result."""
-    import timm
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "threads": threads if threads is not None else torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-    }
-
-
-def command_line(kind: str) -> str:
-    """The command as typed, normalised to ``agentattn bench KIND ARGS`` (also from ``python -m`` or a script)."""
-    argv = sys.argv[1:]
-    if kind in argv:
-        argv = argv[argv.index(kind) + 1 :]
-    return shlex.join(["agentattn", "bench", kind, *argv])
-
-
 def format_table(rows: list[dict]) -> str:
     """Markdown table: one line per (N, case), latency, ratio to agentattn, FLOP rate and peak memory."""
     lines = [
@@ -448,8 +416,8 @@ def _num(r: dict, key: str, fmt: str = ".2f") -> str:
 
 
 def crossover(rows: list[dict], mode: str, other: str = "softmax-sdpa") -> float | None:
-    """The N where agentattn's per-sample latency drops below ``other``'s (log-log interpolation), if any."""
-    pts = []
+    """The N where agentattn's per-sample latency drops to ``other``'s (log-log interpolation), if any."""
+    points = []
     for n in sorted({r["tokens"] for r in rows}):
         by = {r["case"]: r for r in rows if r["tokens"] == n}
         a, o = (
@@ -457,14 +425,8 @@ def crossover(rows: list[dict], mode: str, other: str = "softmax-sdpa") -> float
             by.get(other, {}).get("modes", {}).get(mode, {}),
         )
         if "ms" in a and "ms" in o:
-            pts.append((n, math.log(o["ms"] / a["ms"])))
-    if pts and pts[0][1] >= 0:
-        return float(pts[0][0])  # agentattn already faster at the smallest N
-    for (n0, r0), (n1, r1) in itertools.pairwise(pts):
-        if r0 < 0 <= r1:
-            t = -r0 / (r1 - r0)
-            return float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
-    return None
+            points.append((n, a["ms"], o["ms"]))
+    return measure.crossover(points)
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -518,13 +480,6 @@ def plot(result: dict, path: str | Path) -> None:
     with atomic_open(path) as f:
         fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
-
-
-def write_json(obj: dict, path: str | Path) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -644,7 +599,7 @@ def run(args: argparse.Namespace) -> int:
             )
     result = {
         "kind": "attention",
-        "command": command_line("attention"),
+        "command": command_line("bench", "attention"),
         "environment": env,
         "config": {
             "dim": args.dim,
@@ -662,12 +617,82 @@ def run(args: argparse.Namespace) -> int:
         "crossover": {mode: crossover(rows, mode) for mode in MODES},
     }
     if args.json:
-        write_json(result, args.json)
+        atomic_write_json(args.json, result, make_parents=True)
     if args.plot:
         plot(result, args.plot)
     if args.section:
         write_rounds_section(result, args.section)
     return 0
+
+
+def _row(rows: list[dict], case: str, tokens: int) -> dict:
+    return next((r for r in rows if r["case"] == case and r["tokens"] == tokens), {"modes": {}})
+
+
+def attention_goals(result: dict) -> list[dict]:
+    """The issue's attention goals, checked against one sweep."""
+    rows = result["layers"]
+    cfg = result["config"]
+    goals: list[dict] = []
+    deit = cfg["dim"] == 192 and cfg["heads"] == 3 and cfg["agents"] == 49
+    for mode, label in (("fwd", "forward (eval)"), ("fwd_bwd", "forward+backward (train)")):
+        r = _row(rows, "official", 197)
+        ratio = r["modes"].get(mode, {}).get("ratio")
+        ok = deit and r.get("batch") == 64 and ratio is not None
+        value = f"{ratio:.2f}×" if ratio is not None else "–"
+        per_round = r["modes"].get(mode, {}).get("round_ratios")
+        if ratio is not None and per_round:
+            value += f" (rounds {min(per_round):.2f}–{max(per_round):.2f}×)"
+        goals.append(
+            {
+                "goal": f"DeiT-T block (B=64, N=197, C=192, 3 heads, 49 agents, cls): ≥ 1.3× faster than the official math, {label}",
+                "value": value,
+                "met": (ratio >= 1.3) if ok else None,
+            }
+        )
+    for tokens, need in ((12545, 15.0), (50177, 50.0)):
+        for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
+            r = _row(rows, "softmax-sdpa", tokens)
+            res = r["modes"].get(mode, {})
+            ratio = res.get("ratio")
+            goals.append(
+                {
+                    "goal": f"N={tokens}, batch 1: ≥ {need:g}× faster than softmax SDPA, {label}",
+                    "value": f"{ratio:.1f}×" if ratio is not None else res.get("status", "–"),
+                    "met": (ratio >= need) if ratio is not None and r.get("batch") == 1 else None,
+                }
+            )
+    for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
+        ours = _row(rows, "agentattn", 12545)["modes"].get(mode, {}).get("peak_mb")
+        expl = _row(rows, "softmax-explicit", 12545)["modes"].get(mode, {})
+        sdpa = _row(rows, "softmax-sdpa", 12545)["modes"].get(mode, {}).get("peak_mb")
+        value, met = "–", None
+        if ours is not None and "peak_mb" in expl:
+            value = f"{ours:.0f} MiB vs {expl['peak_mb']:.0f} MiB = 1/{expl['peak_mb'] / max(ours, 1e-9):.0f}"
+            met = ours <= expl["peak_mb"] / 10
+        elif ours is not None and "status" in expl:
+            value = f"{ours:.0f} MiB vs materialised softmax: {expl['status']} ({expl.get('detail', '')})"
+        if ours is not None and sdpa is not None:
+            value += f"; SDPA (flash) {sdpa:.0f} MiB"
+        goals.append(
+            {
+                "goal": f"N=12545: peak memory ≤ 1/10 of the materialised softmax's, {label}",
+                "value": value,
+                "met": met,
+            }
+        )
+    op = result.get("op") or []
+    for r in op:
+        if r["tokens"] >= 3137:
+            goals.append(
+                {
+                    "goal": f"op efficiency at N={r['tokens']} (B={r['batch']}): ≥ 35% of the fp32 matmul peak",
+                    "value": f"{r['gflops_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
+                    f"{r.get('peak_gflops_per_s', result['matmul_peak']['gflops_per_s']):.1f}",
+                    "met": r["fraction_of_peak"] >= 0.35,
+                }
+            )
+    return goals
 
 
 def rounds_table(rows: list[dict]) -> str:
@@ -692,8 +717,6 @@ def rounds_table(rows: list[dict]) -> str:
 
 def write_rounds_section(result: dict, path: str | Path) -> None:
     """A report section for a focused run (e.g. the DeiT-T goal config with many rounds)."""
-    from .report import attention_goals, write_section
-
     config = result["config"]
     markdown = (
         f"Config: {config['label']}; {config['rounds']} interleaved rounds, {config['budget_s']:g} s per case and "

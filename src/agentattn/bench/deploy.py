@@ -8,7 +8,7 @@ each batch size for
 - ``compile``: ``torch.compile(model)`` (inductor, compile time not counted, reported apart);
 - ``ort-fp32`` / ``ort-int8``: onnxruntime, CPU execution provider, all graph optimisations;
 
-as the median after warm-up (``agentattn.bench.timing.median_ms``), reported in images/s. It also records the
+as the median after warm-up (``agentattn.measure.median_ms``), reported in images/s. It also records the
 max |Δlogits| between onnxruntime fp32 and eager at batch 1 and 3 (the ONNX parity check). Default models: the
 four tiny agent models and their softmax counterparts in timm (there is no CSwin in timm; PVT v1 is not in
 timm either, ``pvt_v2_b1`` stands in for it).
@@ -29,8 +29,8 @@ import torch
 from ..deploy.export import example_input, export_onnx, export_program, load_model
 from ..deploy.quantize import OnnxModel, quantize_onnx_int8
 from ..io import atomic_write_text, one_line
-from .attention import environment
-from .timing import median_ms
+from ..measure import command_line, environment, median_ms
+from .section import write_section
 
 DEFAULT_MODELS = (
     "agent_deit_tiny_patch16_224",
@@ -202,16 +202,13 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         atomic_write_text(args.markdown, table + "\n")
     if args.section:
-        from .attention import command_line
-        from .report import write_section
-
         note = (
             f"Random weights, {args.img_size}², {args.threads} threads. Images/s are medians after warm-up; "
             "`compile` is `torch.compile` (inductor; compile time not counted). The last column is the ONNX "
             "parity check, max |Δlogits| between onnxruntime fp32 and eager at batch 1 and 3."
         )
         write_section(args.section, "Deployment: eager, torch.compile, onnxruntime fp32 and int8",
-                      command_line("deploy"), env, note + "\n\n" + table)  # fmt: skip
+                      command_line("bench", "deploy"), env, note + "\n\n" + table)  # fmt: skip
     if args.json:
         payload = {"environment": env, "img_size": args.img_size, "results": [asdict(r) for r in results]}
         atomic_write_text(args.json, json.dumps(payload, indent=1) + "\n")

@@ -27,8 +27,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..io import atomic_write_json
+from ..measure import command_line, environment
 from ..ops import agent_attention, linear_attention, naive, triton_agent
-from .attention import build_case, command_line, environment, write_json
+from .attention import build_case
 
 BACKENDS = ("triton", "sdpa", "matmul")
 
@@ -270,15 +272,15 @@ def run(args: argparse.Namespace) -> int:
     table_layer = format_rows([r for r in rows if r["level"] == "layer"], "softmax-sdpa")
     print(table_op)
     print(table_layer)
-    command = command_line("gpu")
+    command = command_line("bench", "gpu")
     config = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "agents": args.agents,
               "dtype": "bfloat16"}  # fmt: skip
     result = {"kind": "gpu", "command": command, "environment": env, "config": config, "checks": checks,
               "rows": rows}  # fmt: skip
     if args.json:
-        write_json(result, args.json)
+        atomic_write_json(args.json, result, make_parents=True)
     if args.section:
-        write_json(section(result), args.section)
+        atomic_write_json(args.section, section(result), make_parents=True)
     failed = [c for c in checks if not c["ok"]]
     return 1 if failed else 0
 

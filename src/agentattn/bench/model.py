@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from .. import models as _models  # noqa: F401  (registers the agent models with timm)
-from ..models._flops import count_flops, count_params
+from ..io import atomic_write_json
+from ..measure import command_line, count_flops, count_params, environment
 from ..ops.agent import BACKENDS, attention_backend
-from .attention import command_line, environment, write_json
+from .section import write_section as write
 
 DEFAULT_MODELS = (
     "deit_tiny_patch16_224",
@@ -328,13 +329,13 @@ def run(args: argparse.Namespace) -> int:
               "amp": args.amp, "channels_last": args.channels_last, "backends": args.backends}  # fmt: skip
     result = {
         "kind": "model",
-        "command": command_line("model"),
+        "command": command_line("bench", "model"),
         "environment": env,
         "config": config,
         "models": rows,
     }
     if args.json:
-        write_json(result, args.json)
+        atomic_write_json(args.json, result, make_parents=True)
     if args.section:
         write_section(args.section, result)
     return 0
@@ -395,8 +396,6 @@ def goals(rows: list[dict]) -> list[dict]:
 
 def write_section(path: str, result: dict) -> None:
     """The result as a ``bench report`` section: how it ran, the table, and the training goals."""
-    from .report import write_section as write
-
     where = result["environment"].get("gpu") or result["config"].get("device", "cpu")
     title = f"Whole models on {where}: agent backends vs official math and softmax"
     markdown = describe(result["config"]) + "\n\n" + format_table(result["models"])

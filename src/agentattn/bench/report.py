@@ -10,14 +10,8 @@ throughput (``agentattn bench model --json``); then one section per ``--section`
 JSON files are committed with BENCHMARKS.md, so the report can be rebuilt, and checked, on any machine, also for
 figures that only a GPU machine could measure.
 
-A section file is how another benchmark (Stable Diffusion, deployment, ...) adds itself; it is JSON:
-
-    {"kind": "section", "title": "Stable Diffusion", "command": "agentattn bench sd ...",
-     "environment": {...},                         # optional; e.g. agentattn.bench.attention.environment()
-     "markdown": "free markdown: tables, notes",    # optional
-     "tables": [{"caption": "...", "columns": ["a", "b"], "rows": [[1, 2]]}],   # optional
-     "figures": ["benchmarks/figures/sd.png"],      # optional, paths relative to the repository root
-     "goals": [{"goal": "...", "value": "...", "met": true}]}                    # optional
+A section file is how another benchmark (Stable Diffusion, deployment, ...) adds itself; its schema is in
+:mod:`agentattn.bench.section`.
 """
 
 from __future__ import annotations
@@ -30,8 +24,10 @@ import sys
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..measure import command_line
 from . import attention as attention_bench
 from . import model as model_bench
+from .section import environment_line, goal_table
 
 RESULTS = Path("benchmarks/results")  # measured JSON, committed with BENCHMARKS.md
 
@@ -44,117 +40,6 @@ Every figure below was measured by this project's benchmarks on the machine name
 in by hand. Timings on a shared machine vary between runs (the benchmarks interleave the cases over rounds so
 that a slow spell hits all of them alike), so read ratios to a few tens of percent.
 """
-
-
-def write_section(
-    path: str | Path,
-    title: str,
-    command: str,
-    environment: dict | None = None,
-    markdown: str = "",
-    goals: list[dict] | None = None,
-    figures: list[str] | None = None,
-) -> None:
-    """Write one section JSON (the schema above) atomically; ``bench report`` renders it into BENCHMARKS.md."""
-    section = {"kind": "section", "title": title, "command": command, "environment": environment or {},
-               "markdown": markdown, "goals": goals or [], "figures": figures or []}  # fmt: skip
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(section, indent=1) + "\n")
-
-
-def _env_line(env: dict | None) -> str:
-    """One line naming the machine and versions; fields a benchmark did not record are left out."""
-    if not env:
-        return ""
-    host = env.get("cpu") or env.get("machine") or "unknown CPU"
-    if env.get("cpu_count"):
-        host += f" ({env['cpu_count']} CPUs)"
-    parts = [f"Machine: {'GPU ' + env['gpu'] + ', host ' if env.get('gpu') else ''}{host}"]
-    if env.get("threads"):
-        parts[0] += f", {env['threads']} threads"
-    versions = [f"{name} {env[key]}" for name, key in (("torch", "torch"), ("timm", "timm"), ("diffusers", "diffusers"),
-                ("tomesd", "tomesd"), ("Triton", "triton"), ("Python", "python")) if env.get(key)]  # fmt: skip
-    line = "; ".join([parts[0], ", ".join(versions)]) if versions else parts[0]
-    return line + (f"; measured {env['date']}." if env.get("date") else ".")
-
-
-def _goal_table(goals: list[dict]) -> str:
-    lines = ["| goal | measured | met |", "|---|---|---|"]
-    for g in goals:
-        met = g.get("met")
-        mark = "yes" if met is True else "no" if met is False else "not measured"
-        lines.append(f"| {g['goal']} | {g.get('value', '–')} | {mark} |")
-    return "\n".join(lines)
-
-
-def _row(rows: list[dict], case: str, tokens: int) -> dict:
-    return next((r for r in rows if r["case"] == case and r["tokens"] == tokens), {"modes": {}})
-
-
-def attention_goals(result: dict) -> list[dict]:
-    """The issue's attention goals, checked against one sweep."""
-    rows = result["layers"]
-    cfg = result["config"]
-    goals: list[dict] = []
-    deit = cfg["dim"] == 192 and cfg["heads"] == 3 and cfg["agents"] == 49
-    for mode, label in (("fwd", "forward (eval)"), ("fwd_bwd", "forward+backward (train)")):
-        r = _row(rows, "official", 197)
-        ratio = r["modes"].get(mode, {}).get("ratio")
-        ok = deit and r.get("batch") == 64 and ratio is not None
-        value = f"{ratio:.2f}×" if ratio is not None else "–"
-        per_round = r["modes"].get(mode, {}).get("round_ratios")
-        if ratio is not None and per_round:
-            value += f" (rounds {min(per_round):.2f}–{max(per_round):.2f}×)"
-        goals.append(
-            {
-                "goal": f"DeiT-T block (B=64, N=197, C=192, 3 heads, 49 agents, cls): ≥ 1.3× faster than the official math, {label}",
-                "value": value,
-                "met": (ratio >= 1.3) if ok else None,
-            }
-        )
-    for tokens, need in ((12545, 15.0), (50177, 50.0)):
-        for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
-            r = _row(rows, "softmax-sdpa", tokens)
-            res = r["modes"].get(mode, {})
-            ratio = res.get("ratio")
-            goals.append(
-                {
-                    "goal": f"N={tokens}, batch 1: ≥ {need:g}× faster than softmax SDPA, {label}",
-                    "value": f"{ratio:.1f}×" if ratio is not None else res.get("status", "–"),
-                    "met": (ratio >= need) if ratio is not None and r.get("batch") == 1 else None,
-                }
-            )
-    for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
-        ours = _row(rows, "agentattn", 12545)["modes"].get(mode, {}).get("peak_mb")
-        expl = _row(rows, "softmax-explicit", 12545)["modes"].get(mode, {})
-        sdpa = _row(rows, "softmax-sdpa", 12545)["modes"].get(mode, {}).get("peak_mb")
-        value, met = "–", None
-        if ours is not None and "peak_mb" in expl:
-            value = f"{ours:.0f} MiB vs {expl['peak_mb']:.0f} MiB = 1/{expl['peak_mb'] / max(ours, 1e-9):.0f}"
-            met = ours <= expl["peak_mb"] / 10
-        elif ours is not None and "status" in expl:
-            value = f"{ours:.0f} MiB vs materialised softmax: {expl['status']} ({expl.get('detail', '')})"
-        if ours is not None and sdpa is not None:
-            value += f"; SDPA (flash) {sdpa:.0f} MiB"
-        goals.append(
-            {
-                "goal": f"N=12545: peak memory ≤ 1/10 of the materialised softmax's, {label}",
-                "value": value,
-                "met": met,
-            }
-        )
-    op = result.get("op") or []
-    for r in op:
-        if r["tokens"] >= 3137:
-            goals.append(
-                {
-                    "goal": f"op efficiency at N={r['tokens']} (B={r['batch']}): ≥ 35% of the fp32 matmul peak",
-                    "value": f"{r['gflops_per_s']:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
-                    f"{r.get('peak_gflops_per_s', result['matmul_peak']['gflops_per_s']):.1f}",
-                    "met": r["fraction_of_peak"] >= 0.35,
-                }
-            )
-    return goals
 
 
 def model_goals(result: dict) -> list[dict]:
@@ -194,7 +79,7 @@ def render_attention(result: dict, figures: Path, root: Path) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        _env_line(result["environment"]),
+        environment_line(result["environment"]),
         "",
         f"Config: {result['config']['label']}; batch B = ⌊12608 / N⌋ (at least 1). Forward in eval mode under "
         "`torch.inference_mode`, forward+backward in train mode; medians of interleaved rounds after warm-up "
@@ -238,7 +123,7 @@ def render_attention(result: dict, figures: Path, root: Path) -> str:
             f"matmul and then the op; % of peak is the median of the per-round ratios (the best of 5 matmuls: "
             f"{peak['gflops_per_s']:.1f} GFLOP/s).",
         ]
-    parts += ["", "### Goals", "", _goal_table(attention_goals(result))]
+    parts += ["", "### Goals", "", goal_table(attention_bench.attention_goals(result))]
     return "\n".join(parts)
 
 
@@ -249,7 +134,7 @@ def render_model(result: dict) -> str:
             "",
             f"Command: `{result['command']}`",
             "",
-            _env_line(result["environment"]),
+            environment_line(result["environment"]),
             "",
             model_bench.describe(result["config"]),
             "",
@@ -257,7 +142,7 @@ def render_model(result: dict) -> str:
             "",
             "### Goals",
             "",
-            _goal_table(model_goals(result)),
+            goal_table(model_goals(result)),
         ]
     )
 
@@ -267,7 +152,7 @@ def render_section(section: dict) -> str:
     if section.get("command"):
         parts += [f"Command: `{section['command']}`", ""]
     if section.get("environment"):
-        parts += [_env_line(section["environment"]), ""]
+        parts += [environment_line(section["environment"]), ""]
     if section.get("markdown"):
         parts += [section["markdown"].rstrip(), ""]
     for table in section.get("tables", []):
@@ -280,7 +165,7 @@ def render_section(section: dict) -> str:
     for fig in section.get("figures", []):
         parts += [f"![{Path(fig).stem}]({fig})", ""]
     if section.get("goals"):
-        parts += ["### Goals", "", _goal_table(section["goals"]), ""]
+        parts += ["### Goals", "", goal_table(section["goals"]), ""]
     return "\n".join(parts).rstrip()
 
 
@@ -342,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     root = args.output.resolve().parent
     try:
         text = build_report(
-            args.attention, args.model, sections, args.figures, root, attention_bench.command_line("report")
+            args.attention, args.model, sections, args.figures, root, command_line("bench", "report")
         )
     except (json.JSONDecodeError, KeyError) as e:
         print(f"error: cannot read a benchmark JSON: {type(e).__name__}: {e}", file=sys.stderr)

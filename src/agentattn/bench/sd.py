@@ -328,7 +328,7 @@ def plot(rows: list[Row], path: str) -> bool:
 def environment(device: str) -> dict[str, Any]:
     import diffusers
 
-    from .attention import environment as machine_environment
+    from ..measure import environment as machine_environment
 
     env = {
         **machine_environment(),  # cpu, cpu_count, timm, date
@@ -401,11 +401,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from ..diffusion.patch import AgentSDConfig, _check_options
+    from ..diffusion.patch import AgentSDConfig, check_config
 
     try:  # fail before spending a minute building a UNet
-        _check_options(AgentSDConfig(args.ratio, args.agent_ratio, args.sx, args.sy))
-        _check_options(AgentSDConfig(args.ratio if args.tome_ratio is None else args.tome_ratio))
+        check_config(AgentSDConfig(args.ratio, args.agent_ratio, args.sx, args.sy))
+        check_config(AgentSDConfig(args.ratio if args.tome_ratio is None else args.tome_ratio))
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
@@ -447,10 +447,10 @@ def run(args: argparse.Namespace) -> int:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         print(f"wrote {args.plot}" if plot(rows, args.plot) else "matplotlib not installed: no plot")
     if args.section:
-        from .attention import command_line
-        from .report import write_section
+        from ..measure import command_line
+        from .section import write_section
 
-        write_section(args.section, "Stable Diffusion: AgentSD vs ToMe (tomesd)", command_line("sd"), env,
+        write_section(args.section, "Stable Diffusion: AgentSD vs ToMe (tomesd)", command_line("bench", "sd"), env,
                       section_markdown(rows, args), sd_goals(rows))  # fmt: skip
     return 0
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..models._checkpoint import check_views_within_storages, load_checkpoint, save_safetensors
+from ..io import check_views_within_storages, load_checkpoint, save_safetensors
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

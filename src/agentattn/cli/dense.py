@@ -21,6 +21,7 @@ from typing import Any
 
 from ..io import atomic_write_text, one_line, quote
 from .defaults import show_config_defaults
+from .options import device_option
 from .train import parse_model_kwargs
 
 
@@ -143,7 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..dense.data import build_dense_data
-    from ..dense.engine import _device, evaluate_detection, evaluate_segmentation, load_dense_checkpoint
+    from ..dense.engine import evaluate_detection, evaluate_segmentation, load_dense_checkpoint
 
     config, model, ckpt = load_dense_checkpoint(args.checkpoint)
     if args.data is None and config.data != "synthetic":
@@ -158,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--data has {data.num_classes} classes but the checkpoint was trained on {ckpt['num_classes']}"
         )
-    device = _device(args.device)
+    device = device_option(args.device)
     model.to(device)
     with torch.no_grad():
         if config.task == "det":

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from ..io import atomic_write_text, quote
 from ..models.record import check_model_fits_weights
 from ..train.data import build_data
-from ..train.loop import _resolve_device, build_model, evaluate
+from ..train.loop import build_model, evaluate
 from ..train.restore import load_weights, read_checkpoint
+from .options import device_option
 from .train import parse_model_kwargs
 
 
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             )  # before allocating a model the file may inflate
         model = build()
         load_weights(model, state, path, name)
-        device = _resolve_device(args.device, 0)
+        device = device_option(args.device, 0)
         loader = DataLoader(data.eval, batch_size=args.batch_size)
         amp = torch.bfloat16 if args.amp == "bf16" else None
         result = evaluate(model.to(device), loader, device, data.num_classes, amp, progress=args.progress)

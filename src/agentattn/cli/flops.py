@@ -9,7 +9,7 @@ import sys
 import timm
 
 from ..io import atomic_write_text
-from ..models._flops import count_flops, count_params
+from ..measure import count_flops, count_params
 from .train import parse_model_kwargs
 
 

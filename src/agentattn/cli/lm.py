@@ -31,6 +31,7 @@ from ..io import one_line
 from ..lm.data import ByteCorpus
 from ..lm.model import ATTN_TYPES, POSITIONS, AgentLM, AgentLMConfig
 from ..lm.train import LMTrainConfig, evaluate_bpb, train_lm
+from .options import device_option
 
 # The default `compare`: 1,250 steps × 16 × 256 bytes = 5.1 M training bytes per run, every mixer × conv on/off ×
 # 3 seeds, evaluated at 1×, 2× and 4× the context. About 7-9 min per run on 2 CPU cores: 24 runs, some 3-4 hours.
@@ -266,14 +267,6 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     """One model; under torchrun every rank runs this, and rank 0 alone prints and writes."""
     master = os.environ.get("RANK", "0") == "0"
@@ -281,7 +274,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_cfg = _train_config(args)
     corpus = ByteCorpus.load(args.data, args.cache_dir, min_split=2)
     out = Path(args.out) if args.out else Path("runs") / "lm" / f"{args.attn}-{_stamp()}"
-    device = _device(args.device)
+    device = device_option(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -366,8 +359,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         context_multiples=tuple(args.context_multiples),
     )
     if args.section:
-        from ..bench.attention import environment
         from ..lm.compare import write_compare_section
+        from ..measure import environment
 
         write_compare_section(args.section, summary, environment(args.threads))
     for t, bpb in summary["val_bpb"].items():
@@ -382,8 +375,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     command = "agentattn " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if from_cli else ""
     summary = merge_compare([Path(p) for p in args.results], Path(args.out), args.overwrite, command)
     if args.section:
-        from ..bench.attention import environment
         from ..lm.compare import write_compare_section
+        from ..measure import environment
 
         write_compare_section(args.section, summary, environment(summary["threads"]))
     print(f"merged seeds {summary['seeds']} into {Path(args.out) / 'report.md'}")
@@ -438,11 +431,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         atomic_write_text(path, json.dumps(result, indent=1))
         print(f"wrote {path}")
     if args.section:
-        from ..bench.attention import command_line, environment
-        from ..bench.report import write_section
+        from ..bench.section import write_section
         from ..lm.bench import section_markdown, speed_goals
+        from ..measure import command_line, environment
 
-        command = command_line("lm").replace("agentattn bench lm", "agentattn lm")
+        command = command_line("lm", "bench")
         write_section(args.section, "Causal agent attention (language modelling)", command,
                       environment(args.threads), section_markdown(result), speed_goals(result))  # fmt: skip
     return 0

@@ -106,12 +106,10 @@ def run(args: argparse.Namespace) -> int:
         from ..diffusion import AgentSDSchedule, apply_patch, patch_options, remove_patch
     except ImportError:
         return _error("needs diffusers: pip install 'agentattn[diffusion]'")
-    from ..diffusion.patch import AgentSDConfig, _check_options
+    from ..diffusion.patch import AgentSDConfig, check_config
 
     try:  # before loading the weights
-        _check_options(
-            AgentSDConfig(args.ratio, args.agent_ratio, args.sx, args.sy, args.max_downsample or 1)
-        )
+        check_config(AgentSDConfig(args.ratio, args.agent_ratio, args.sx, args.sy, args.max_downsample or 1))
     except ValueError as e:
         return _error(str(e))
     if args.threads:

@@ -33,10 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..io import atomic_write_text, lock_run_directory, open_log
-from ..models._checkpoint import safe_torch_load
+from ..device import resolve_device
+from ..io import atomic_torch_save, atomic_write_text, lock_run_directory, open_log, safe_torch_load
 from ..models.record import check_model_fits_weights
-from ..train.loop import atomic_torch_save
 from ..train.record_checks import (
     check_architecture_kwargs,
     check_bool,
@@ -131,14 +130,6 @@ class DenseConfig:
             self.time_limit_min = None  # 0 disables the limit
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def build_dense_model(config: DenseConfig, num_classes: int, synthetic: bool) -> nn.Module:
@@ -357,7 +348,7 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     data = data or build_dense_data(
         config.data, config.task, config.img_size, config.num_train, config.num_val, config.seed
     )
@@ -514,7 +505,7 @@ def _set_size(model: nn.Module, height: int, width: int) -> None:
 
 def backbone_flops(backbone: nn.Module, size: tuple[int, int]) -> int:
     """FLOPs (multiply-adds) of one (1, 3, H, W) backbone forward, counted on the meta device (no compute)."""
-    from ..models._flops import FlopCounter
+    from ..measure import FlopCounter
 
     meta = copy.deepcopy(backbone).eval().to_empty(device="meta")
     counter = FlopCounter()
@@ -539,10 +530,9 @@ def compare_detectors(
     Both detectors use torchvision's default heads (FPN 256, 1000 proposals); ``box_score_thresh=0`` so that
     both run the heads on the full 100 detections whatever their (random) weights predict.
     """
-    from ..bench.timing import median_ms
-    from ..models._flops import count_flops
+    from ..measure import count_flops, median_ms
 
-    dev = _device(device)
+    dev = resolve_device(device)
     rows = []
     for label, bkw, grids in (
         ("agent", {}, agent_grids),

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..io import atomic_path, one_line, quote
 from ..layers.agent_attention import AgentAttentionBase
-from ..models._checkpoint import load_pretrained
+from ..models import check_model_name
+from ..models.pretrained import load_pretrained
 from ..models.record import check_model_fits_weights
-from ..train.loop import _check_model_name
 from ..train.restore import read_checkpoint
 
 __all__ = [
@@ -74,7 +74,7 @@ def _create(
     name: str, num_classes: int, in_chans: int, img_size: int | None, kwargs: dict[str, Any]
 ) -> nn.Module:
     """``timm.create_model`` at ``img_size`` where the model is built for a size (not every timm model is)."""
-    _check_model_name(name)
+    check_model_name(name)
     if img_size is not None and "img_size" not in kwargs:
         try:
             return timm.create_model(

@@ -12,6 +12,7 @@ from .merge import TokenMerge, bipartite_soft_matching_2d
 from .patch import (
     AgentSDConfig,
     apply_patch,
+    check_config,
     is_patched,
     patch_options,
     patch_stats,
@@ -29,6 +30,7 @@ __all__ = [
     "agent_sd_attention",
     "apply_patch",
     "bipartite_soft_matching_2d",
+    "check_config",
     "is_patched",
     "patch_options",
     "patch_stats",

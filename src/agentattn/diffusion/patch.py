@@ -101,7 +101,8 @@ def _level_blocks(unet: nn.Module) -> list[tuple[BasicTransformerBlock, int]]:
     return out
 
 
-def _check_options(cfg: AgentSDConfig) -> None:
+def check_config(cfg: AgentSDConfig) -> None:
+    """ValueError naming the first option of ``cfg`` out of its range (see :class:`AgentSDConfig`)."""
     for name in ("ratio", "agent_ratio"):
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -208,7 +209,7 @@ def apply_patch(
         merge_crossattn,
         merge_mlp,
     )
-    _check_options(cfg)
+    check_config(cfg)
     selected = [(b, ds) for b, ds in levels if ds <= cfg.max_downsample]
     if not selected:
         raise ValueError(
@@ -332,7 +333,7 @@ def set_patch_options(pipe_or_unet: Any, **changes: Any) -> None:
     if unknown:
         raise ValueError(f"set_patch_options: cannot change {sorted(unknown)}; allowed: {sorted(allowed)}")
     cfg = replace(state.config, **changes)
-    _check_options(cfg)
+    check_config(cfg)
     state.config = cfg
     for proc in state.processors:
         proc.k_scale2, proc.k_shortcut = cfg.k_scale2, cfg.k_shortcut

@@ -16,6 +16,7 @@ whether the writer is gone (:func:`remove_stale_temp_files`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import stat
@@ -138,6 +139,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; return the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, *, indent: int = 1, make_parents: bool = False
+) -> Path:
+    """Write ``obj`` as JSON (UTF-8, a final newline) to ``path`` atomically; return the path.
+
+    With ``make_parents``, missing parent directories are created first (for an output path a user named).
+    """
+    if make_parents:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def open_log(path: str | os.PathLike, *, truncate: bool = False, binary: bool = False) -> IO[Any]:

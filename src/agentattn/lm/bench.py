@@ -13,37 +13,19 @@
 
 from __future__ import annotations
 
-import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
+from .. import measure
 from ..ops.causal_agent import causal_agent_prefill
 from ..ops.causal_linear import causal_linear_init_state
 from ..ops.causal_retention import CausalRetentionState
 from .model import ATTN_TYPES, AgentLM, AgentLMConfig, KVCache, MixerState, state_nbytes
-
-
-def _times_ms(fn: Callable[[], object], reps: int = 3, warmup: int = 1, budget_s: float = 2.0) -> list[float]:
-    """Call times (ms) after ``warmup`` calls: at least ``reps`` calls (1 if one call outlasts the budget), more
-    until ``budget_s`` is spent, at most 50."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 50:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget_s and (len(times) >= reps or times[0] > budget_s * 1e3 / 2):
-            break
-    return times
 
 
 def _config_kwargs(attn_type: str, agent_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -94,9 +76,11 @@ def layer_forward(
             times: dict[str, list[float]] = {name: [] for name in mixers}
             for r in range(rounds):
                 for name, mixer in mixers.items():
-                    times[name] += _times_ms(
-                        lambda m=mixer, x=x: m(x), reps=1, warmup=int(r == 0), budget_s=budget_s / rounds
-                    )
+                    slice_s = budget_s / rounds
+                    times[name] += measure.times_ms(
+                        lambda m=mixer, x=x: m(x), warmup=int(r == 0), min_reps=1, max_reps=50, budget_s=slice_s,
+                        slow_call_s=slice_s / 2,
+                    )  # fmt: skip
             row: dict[str, Any] = {"context": T}
             for name in mixers:
                 row[f"{name}_ms"] = statistics.median(times[name])
@@ -184,17 +168,7 @@ def decode(
 
 def crossover(rows: list[dict[str, Any]], agent_key: str, softmax_key: str) -> float | None:
     """Smallest context where agent time <= softmax time, log-log interpolated; None if never in the grid."""
-    prev = None
-    for row in rows:
-        gap = math.log(row[agent_key]) - math.log(row[softmax_key])  # > 0: agent slower
-        if gap <= 0:
-            if prev is None:
-                return float(row["context"])
-            (c0, g0), c1 = prev, row["context"]
-            frac = g0 / (g0 - gap)
-            return float(math.exp(math.log(c0) + frac * (math.log(c1) - math.log(c0))))
-        prev = (row["context"], gap)
-    return None
+    return measure.crossover((row["context"], row[agent_key], row[softmax_key]) for row in rows)
 
 
 def run_benchmark(

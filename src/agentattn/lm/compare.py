@@ -491,7 +491,7 @@ def _load_results(path: Path) -> dict[str, Any]:
 def write_compare_section(path: str | Path, summary: dict[str, Any], environment: dict[str, Any]) -> None:
     """The comparison as a ``bench report`` section (rendered into BENCHMARKS.md): the report's tables, titled by
     what was compared. ``summary`` is what :func:`run_compare` returns (``results.json`` without ``history``)."""
-    from ..bench.report import write_section
+    from ..bench.section import write_section
 
     seeds, convs = summary["seeds"], summary["conv_kernels"]
     title = (

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..io import quote
 from ..ops.causal_agent import (
-    _causal_agent_step,
     causal_agent_attention,
     causal_agent_prefill,
+    causal_agent_step,
 )
 from ..ops.causal_linear import (
     causal_linear_attention,
@@ -332,7 +332,8 @@ class AgentMixer(_Mixer):
     def _step(self, q, k, v, state):
         # The unchecked step: q, k, v come from this layer; exp(log_decay) is only needed when a chunk is folded.
         decay = self.log_decay.exp() if state.folds_next else None
-        return _causal_agent_step(q, k, v, self.agents.to(q.dtype), state, decay, self.agent_bias, None)
+        agents = self.agents.to(q.dtype)
+        return causal_agent_step(q, k, v, agents, state, decay, self.agent_bias, check_inputs=False)
 
 
 MIXERS: dict[str, type[_Mixer]] = {
@@ -538,7 +539,7 @@ class AgentLM(nn.Module):
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> None:
         """Write weights + config (JSON in the safetensors metadata) atomically."""
-        from ..models._checkpoint import save_safetensors
+        from ..io import save_safetensors
 
         meta = {"format": "agentattn.lm", "config": json.dumps(asdict(self.config))}
         meta.update(extra_metadata or {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
@@ -202,3 +203,11 @@ class LinearHeadMixin:
             init_official_weights(self.head)
         else:
             self.head = nn.Identity()
+
+
+def check_model_name(name: str) -> None:
+    """ValueError unless ``name`` is a model registered with timm (the agent_* models register on import)."""
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown model {name!r}: use a registered timm name (`timm.list_models('agent_*')`)"
+        )

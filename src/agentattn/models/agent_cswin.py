@@ -50,7 +50,7 @@ from ._builder import (
     init_official_weights,
     with_official_tags,
 )
-from ._checkpoint import load_pretrained, resize_agent_bias_tables
+from .pretrained import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentCSwinBlock", "AgentCSwinTransformer", "CSwinLinearAttention", "LePEAttention"]
 

@@ -35,7 +35,7 @@ from torch import nn
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
 from ..ops.tracing import is_tracing
 from ._builder import agent_cfg, build_agent_model, check_image_input, with_official_tags
-from ._checkpoint import load_pretrained, resize_agent_bias_tables
+from .pretrained import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentDeiT", "AgentDeiTBlock", "checkpoint_filter_fn", "parse_attn_type"]
 

@@ -52,7 +52,7 @@ from ._builder import (
     init_official_weights,
     with_official_tags,
 )
-from ._checkpoint import load_pretrained, resize_agent_bias_tables
+from .pretrained import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentPVT", "PVTAttention", "PVTLinearAttention", "checkpoint_filter_fn"]
 

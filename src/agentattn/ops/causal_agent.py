@@ -16,7 +16,7 @@ queries on the write side, as in the paper) plus exact softmax attention for the
 
 Three implementations, tested against each other:
 
-- :func:`naive_causal_agent_attention`: builds the (B, H, T, T) weight matrix with explicit masks, O(T²).
+- ``agentattn.ops.naive.causal_agent_attention``: builds the (B, H, T, T) weight matrix with explicit masks, O(T²).
 - :func:`causal_agent_attention`: chunked parallel form for training, O(T·(2C + n)·d); the largest temporaries are
   (B, H, T, 2C + n), never T×T. The memory is a running (max m, sum S, normaliser z) per agent, scanned over chunks.
 - :func:`causal_agent_step` with :func:`causal_agent_init_state` / :func:`causal_agent_prefill`: the recurrent form
@@ -41,7 +41,6 @@ __all__ = [
     "causal_agent_init_state",
     "causal_agent_prefill",
     "causal_agent_step",
-    "naive_causal_agent_attention",
 ]
 
 
@@ -104,57 +103,6 @@ def _check_args(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be a positive number or None, got {scale}")
-
-
-def naive_causal_agent_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    agents: torch.Tensor,
-    decay: torch.Tensor | None = None,
-    agent_bias: torch.Tensor | None = None,
-    *,
-    chunk_size: int = 64,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Reference: the full (B, H, T, T) causal weight matrix, then ``W @ v``. O(T²·n) memory; for tests.
-
-    Args:
-        q, k: (B, H, T, d). v: (B, H, T, d_v). agents: (H, n, d) learned agent tokens.
-        decay: (H, n) recency rates λ >= 0 of the agent memory (None: 0). agent_bias: (H, n) read bias (None: 0).
-        chunk_size: C; the exact window is the current chunk up to t plus the previous chunk.
-        scale: logit scale s (None: d^-0.5).
-    Returns:
-        (B, H, T, d_v) in the dtype of q.
-    """
-    _check_args(q, k, v, agents, decay, agent_bias, chunk_size, scale)
-    out_dtype, cd = q.dtype, _compute_dtype(q.dtype)
-    q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
-    tokens, head_dim = q.shape[2], q.shape[3]
-    s = head_dim**-0.5 if scale is None else scale
-    pos = torch.arange(tokens, device=q.device)
-    chunk = pos // chunk_size
-    mem = chunk[None, :] <= chunk[:, None] - 2  # (T, T) [t, j]: j is in the agents' memory at time t
-    local = (chunk[None, :] >= chunk[:, None] - 1) & (pos[None, :] <= pos[:, None])  # exact window
-    has_mem = mem.any(-1)  # (T,)
-    # write: agent i over keys j, normalised over Mem(t), with recency prior -λ_i (t - j)
-    write = s * torch.einsum("bhjd,hnd->bhnj", k, agents)  # (B, H, n, T)
-    write = write[:, :, :, None, :].expand(-1, -1, -1, tokens, -1)  # (B, H, n, T, T) [.., t, j]
-    if decay is not None:
-        lag = (pos[:, None] - pos[None, :]).to(cd)  # (T, T)
-        write = write - decay.to(cd)[None, :, :, None, None] * lag
-    write = write.masked_fill(~mem, float("-inf"))
-    omega = torch.softmax(write, dim=-1).masked_fill(~has_mem[:, None], 0.0)  # rows without memory are NaN
-    # read: one softmax over [agents | window keys]
-    read = s * torch.einsum("bhtd,hnd->bhtn", q, agents)  # (B, H, T, n)
-    if agent_bias is not None:
-        read = read + agent_bias.to(cd)[None, :, None, :]
-    read = read.masked_fill(~has_mem[:, None], float("-inf"))
-    scores = (s * q @ k.transpose(-2, -1)).masked_fill(~local, float("-inf"))  # (B, H, T, T)
-    probs = torch.softmax(torch.cat([read, scores], dim=-1), dim=-1)
-    n = agents.shape[1]
-    weights = probs[..., n:] + torch.einsum("bhtn,bhntj->bhtj", probs[..., :n], omega)  # (B, H, T, T)
-    return (weights @ v).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,14 +388,21 @@ def causal_agent_step(
     agent_bias: torch.Tensor | None = None,
     *,
     scale: float | None = None,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
     """One decoding step: q, k (B, H, 1, d), v (B, H, 1, d_v) at position ``state.t`` → (B, H, 1, d_v).
 
     Updates ``state`` in place (ring-buffer write, and a chunk fold when a chunk leaves the window).
+    ``check_inputs=False`` skips the argument checks, for a caller that built the inputs itself (the decode loop
+    of a model, where the checks would cost more than the step); ``decay`` is then only needed when
+    ``state.folds_next``.
     """
-    _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
-    if q.shape[2] != 1:
-        raise ValueError(f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}")
+    if check_inputs:
+        _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
+        if q.shape[2] != 1:
+            raise ValueError(
+                f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}"
+            )
     return _causal_agent_step(q, k, v, agents, state, decay, agent_bias, scale)
 
 

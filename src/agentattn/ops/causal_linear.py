@@ -2,7 +2,7 @@
 
     o_t = φ(q_t)ᵀ S_t / (φ(q_t)ᵀ z_t + eps),   S_t = Σ_{j<=t} φ(k_j) v_jᵀ,   z_t = Σ_{j<=t} φ(k_j),   φ = elu + 1
 
-- :func:`naive_causal_linear_attention`: the masked (T, T) weight matrix.
+- ``agentattn.ops.naive.causal_linear_attention``: the masked (T, T) weight matrix.
 - :func:`causal_linear_attention`: chunked, O(T·C·d + T·d²), no T×T matrix.
 - :func:`causal_linear_step` / :func:`causal_linear_prefill`: recurrent form with a (d×d_v + d) state per head.
 
@@ -26,7 +26,6 @@ __all__ = [
     "causal_linear_init_state",
     "causal_linear_prefill",
     "causal_linear_step",
-    "naive_causal_linear_attention",
 ]
 
 
@@ -43,19 +42,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             f"q (B, H, T, d), k (B, H, T, d) and v (B, H, T, d_v) disagree: "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-
-
-def naive_causal_linear_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6
-) -> torch.Tensor:
-    """Reference with the explicit causal (B, H, T, T) weight matrix. q, k: (B, H, T, d), v: (B, H, T, d_v)."""
-    _check(q, k, v)
-    out_dtype, cd = q.dtype, _compute_dtype(q.dtype)
-    phi_q, phi_k = elu_feature_map(q.to(cd)), elu_feature_map(k.to(cd))
-    tokens = q.shape[2]
-    mask = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
-    weights = (phi_q @ phi_k.transpose(-2, -1)).masked_fill(~mask, 0.0)  # (B, H, T, T)
-    return ((weights @ v.to(cd)) / (weights.sum(-1, keepdim=True) + eps)).to(out_dtype)
 
 
 def causal_linear_attention(

@@ -5,7 +5,7 @@
 The gated linear-attention baseline of the LM comparison: the bounded-state family with a forgetting gate, in its
 simplest (data-independent) form. The caller scales q and normalises the output (RetNet: per-head GroupNorm).
 
-- :func:`naive_causal_retention`: the explicit (T, T) decay-masked weight matrix.
+- ``agentattn.ops.naive.causal_retention``: the explicit (T, T) decay-masked weight matrix.
 - :func:`causal_retention`: chunked, O(T·C·d + T·d²): a decay mask inside a chunk, a (d, d_v) state across.
 - :func:`causal_retention_prefill` / :func:`causal_retention_step`: recurrent form with a (d×d_v) state per head.
 
@@ -28,7 +28,6 @@ __all__ = [
     "causal_retention",
     "causal_retention_prefill",
     "causal_retention_step",
-    "naive_causal_retention",
     "retention_decays",
 ]
 
@@ -50,16 +49,6 @@ def _decay_mask(gamma: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Ten
     distance = index[:, None] - index[None, :]  # (size, size)
     log_gamma = gamma.to(dtype).log()[:, None, None]
     return torch.where(distance >= 0, torch.exp(log_gamma * distance.clamp(min=0)), 0.0)
-
-
-def naive_causal_retention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor
-) -> torch.Tensor:
-    """Reference with the explicit (B, H, T, T) matrix. q, k: (B, H, T, d), v: (B, H, T, d_v) → (B, H, T, d_v)."""
-    _check(q, k, v, gamma)
-    out_dtype, cd = q.dtype, _compute_dtype(q.dtype)
-    weights = (q.to(cd) @ k.to(cd).transpose(-2, -1)) * _decay_mask(gamma, q.shape[2], cd)
-    return (weights @ v.to(cd)).to(out_dtype)
 
 
 def causal_retention(

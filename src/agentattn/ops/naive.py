@@ -1,7 +1,11 @@
-"""Plain reference for the agent attention op, written straight from the math.
+"""Plain references for every op, written straight from the math, as flash-linear-attention keeps them.
 
-Slow and memory-hungry on purpose: every intermediate is materialised, so the fast path in
-``agentattn.ops.agent`` can be checked against it (outputs and gradients), in float64 if need be.
+Slow and memory-hungry on purpose: every intermediate is materialised, so the fast paths can be checked against
+them (outputs and gradients), in float64 if need be:
+
+- :func:`agent_attention` for ``agentattn.ops.agent`` (and the packed and Triton paths);
+- :func:`causal_agent_attention`, :func:`causal_linear_attention` and :func:`causal_retention` for the chunked and
+  recurrent forms in ``ops/causal_agent.py``, ``ops/causal_linear.py`` and ``ops/causal_retention.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,12 @@ import torch.nn.functional as F
 
 from ._masked_rows import softmax_or_zero
 from ._validation import check_agent_attention_args
+from .causal_agent import _check_args as _check_causal_agent_args
+from .causal_agent import _compute_dtype as _causal_compute_dtype
+from .causal_linear import _check as _check_causal_linear_args
+from .causal_linear import elu_feature_map
+from .causal_retention import _check as _check_causal_retention_args
+from .causal_retention import _decay_mask
 
 
 def agent_attention(
@@ -101,3 +111,75 @@ def agent_attention_weights(
     if query_bias is not None:
         query_logits = query_logits + query_bias.to(q.dtype)
     return agent_probs, softmax_or_zero(query_logits)  # a row of B2 at -inf throughout reads nothing
+
+
+def causal_agent_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    agents: torch.Tensor,
+    decay: torch.Tensor | None = None,
+    agent_bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference: the full (B, H, T, T) causal weight matrix, then ``W @ v``. O(T²·n) memory; for tests.
+
+    Args:
+        q, k: (B, H, T, d). v: (B, H, T, d_v). agents: (H, n, d) learned agent tokens.
+        decay: (H, n) recency rates λ >= 0 of the agent memory (None: 0). agent_bias: (H, n) read bias (None: 0).
+        chunk_size: C; the exact window is the current chunk up to t plus the previous chunk.
+        scale: logit scale s (None: d^-0.5).
+    Returns:
+        (B, H, T, d_v) in the dtype of q.
+    """
+    _check_causal_agent_args(q, k, v, agents, decay, agent_bias, chunk_size, scale)
+    out_dtype, cd = q.dtype, _causal_compute_dtype(q.dtype)
+    q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
+    tokens, head_dim = q.shape[2], q.shape[3]
+    s = head_dim**-0.5 if scale is None else scale
+    pos = torch.arange(tokens, device=q.device)
+    chunk = pos // chunk_size
+    mem = chunk[None, :] <= chunk[:, None] - 2  # (T, T) [t, j]: j is in the agents' memory at time t
+    local = (chunk[None, :] >= chunk[:, None] - 1) & (pos[None, :] <= pos[:, None])  # exact window
+    has_mem = mem.any(-1)  # (T,)
+    # write: agent i over keys j, normalised over Mem(t), with recency prior -λ_i (t - j)
+    write = s * torch.einsum("bhjd,hnd->bhnj", k, agents)  # (B, H, n, T)
+    write = write[:, :, :, None, :].expand(-1, -1, -1, tokens, -1)  # (B, H, n, T, T) [.., t, j]
+    if decay is not None:
+        lag = (pos[:, None] - pos[None, :]).to(cd)  # (T, T)
+        write = write - decay.to(cd)[None, :, :, None, None] * lag
+    write = write.masked_fill(~mem, float("-inf"))
+    omega = torch.softmax(write, dim=-1).masked_fill(~has_mem[:, None], 0.0)  # rows without memory are NaN
+    # read: one softmax over [agents | window keys]
+    read = s * torch.einsum("bhtd,hnd->bhtn", q, agents)  # (B, H, T, n)
+    if agent_bias is not None:
+        read = read + agent_bias.to(cd)[None, :, None, :]
+    read = read.masked_fill(~has_mem[:, None], float("-inf"))
+    scores = (s * q @ k.transpose(-2, -1)).masked_fill(~local, float("-inf"))  # (B, H, T, T)
+    probs = torch.softmax(torch.cat([read, scores], dim=-1), dim=-1)
+    n = agents.shape[1]
+    weights = probs[..., n:] + torch.einsum("bhtn,bhntj->bhtj", probs[..., :n], omega)  # (B, H, T, T)
+    return (weights @ v).to(out_dtype)
+
+
+def causal_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Reference with the explicit causal (B, H, T, T) weight matrix. q, k: (B, H, T, d), v: (B, H, T, d_v)."""
+    _check_causal_linear_args(q, k, v)
+    out_dtype, cd = q.dtype, _causal_compute_dtype(q.dtype)
+    phi_q, phi_k = elu_feature_map(q.to(cd)), elu_feature_map(k.to(cd))
+    tokens = q.shape[2]
+    mask = torch.ones(tokens, tokens, dtype=torch.bool, device=q.device).tril()
+    weights = (phi_q @ phi_k.transpose(-2, -1)).masked_fill(~mask, 0.0)  # (B, H, T, T)
+    return ((weights @ v.to(cd)) / (weights.sum(-1, keepdim=True) + eps)).to(out_dtype)
+
+
+def causal_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Reference with the explicit (B, H, T, T) matrix. q, k: (B, H, T, d), v: (B, H, T, d_v) → (B, H, T, d_v)."""
+    _check_causal_retention_args(q, k, v, gamma)
+    out_dtype, cd = q.dtype, _causal_compute_dtype(q.dtype)
+    weights = (q.to(cd) @ k.to(cd).transpose(-2, -1)) * _decay_mask(gamma, q.shape[2], cd)
+    return (weights @ v.to(cd)).to(out_dtype)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_text, lock_run_directory
-from ..models._flops import count_flops, count_params
+from ..measure import count_flops, count_params
 from ..train.data import DataBundle, build_data
 from ..train.loop import RUN_FILES as TRAIN_RUN_FILES
 from ..train.record_checks import prepare_output

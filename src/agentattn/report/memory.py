@@ -1,10 +1,8 @@
 """Peak memory of one training step or one inference batch, measured in a fresh process.
 
-CPU tensors have no allocator statistics, so the figure is the growth of the process's peak resident set
-across the step: the model and the input batch are built first and count in the baseline; activations,
-gradients and optimizer state count in the figure. Linux resets the peak (``VmHWM``) to the current resident
-set when "5" is written to ``/proc/self/clear_refs``, so a peak reached earlier (imports, model building) does
-not hide the step's own. A fresh process per measurement keeps one model's memory out of another's.
+The figure is the growth of the process's peak resident set across the step (:mod:`agentattn.measure.memory`):
+the model and the input batch are built first and count in the baseline; activations, gradients and optimizer
+state count in the figure. A fresh process per measurement keeps one model's memory out of another's.
 
     python -m agentattn.report.memory '{"model": ..., "model_kwargs": ..., "mode": "train", ...}'
 """
@@ -12,13 +10,13 @@ not hide the step's own. A fresh process per measurement keeps one model's memor
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-__all__ = ["peak_kib", "reset_peak_kib", "step_peak_memory_mib"]
+from ..measure.memory import peak_kib, reset_peak_kib
+
+__all__ = ["step_peak_memory_mib"]
 
 
 def step_peak_memory_mib(
@@ -51,32 +49,6 @@ def step_peak_memory_mib(
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"measuring the {mode} memory of {model} failed: {last}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mib"])
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])  # "VmHWM:   123456 kB"
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_kib() -> int:
-    """Reset the peak resident set to the current one where Linux allows it; return the baseline in KiB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # not-atomic: a kernel control file
-        current = _status_kib("VmRSS")
-        if current is not None:
-            return current
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the old peak: a lower bound of the growth
-
-
-def peak_kib() -> int:
-    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
 
 
 def _child(spec: dict[str, Any]) -> float:

@@ -31,7 +31,7 @@ import os
 import random
 import stat
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..io import atomic_open, lock_run_directory, open_log, quote
-from ..models._checkpoint import safe_torch_load
+from ..device import resolve_device
+from ..io import atomic_torch_save, lock_run_directory, open_log, quote, safe_torch_load
+from ..models import check_model_name
 from .data import DataBundle, EpochSampler, build_data
 from .record_checks import (
     check_dict,
@@ -73,7 +74,6 @@ __all__ = [
     "PRESETS",
     "TrainConfig",
     "TrainResult",
-    "atomic_torch_save",
     "build_model",
     "evaluate",
     "load_training_checkpoint",
@@ -191,15 +191,6 @@ class TrainResult:
 # Helpers: model, RNG, checkpoints, metrics, evaluation.
 
 
-def _check_model_name(name: str) -> None:
-    import agentattn  # noqa: F401  (registers the agent_* models)
-
-    if not timm.is_model(name):
-        raise ValueError(
-            f"unknown model {name!r}: use a registered timm name (`timm.list_models('agent_*')`)"
-        )
-
-
 def build_model(
     name: str, num_classes: int, in_chans: int, img_size: int, model_kwargs: dict[str, Any] | None = None
 ) -> nn.Module:
@@ -208,7 +199,7 @@ def build_model(
     Raises:
         ValueError: an unknown model name, or kwargs the model does not take.
     """
-    _check_model_name(name)
+    check_model_name(name)
     kwargs = dict(model_kwargs or {})
     kwargs.setdefault("img_size", img_size)
     try:
@@ -244,46 +235,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002  (the global RNG is what timm Mixup uses)
     torch.manual_seed(seed)
-
-
-class _KeepWriteError:
-    """File wrapper that keeps the OSError of a failed write (torch.save reports it as an unrelated RuntimeError)."""
-
-    def __init__(self, f: Any) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
-
-    A crash at any point leaves either the old file or the new one in place, never a partial one.
-
-    Raises:
-        OSError: the write failed (disk full, ...); the message names ``path`` and says the previous file is
-            unchanged. The temp file is removed.
-    """
-    with atomic_open(path, "wb") as f:
-        writer = _KeepWriteError(f)
-        try:
-            torch.save(obj, writer)
-        except RuntimeError as err:
-            if writer.error is None:
-                raise
-            raise writer.error from err
-        f.flush()
-        pause = os.environ.get("AGENTATTN_TEST_SAVE_PAUSE_S")
-        if pause:  # tests only: widen the window between the complete temp file and the rename (kill tests)
-            time.sleep(float(pause))
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -449,20 +400,7 @@ def check_config(config: TrainConfig) -> None:
     if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith(("cuda:", "mps", "xpu")):
         raise bad("device", "auto, cpu or cuda[:N]")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {config.device}: CUDA is not available on this machine; use --device cpu")
-
-
-def _resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from err
+        raise ValueError(f"device {config.device!r}: CUDA is not available on this machine; use device 'cpu'")
 
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
@@ -596,11 +534,11 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
 def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitStack) -> TrainResult:
     # ---- processes, devices, determinism
     check_config(config)
-    _check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
+    check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     distributed = world_size > 1
-    device = _resolve_device(config.device, local_rank)
+    device = resolve_device(config.device, local_rank)
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -905,8 +843,3 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
     return TrainResult(
         model=model, ema=ema.module if ema is not None else None, epochs=history, output=output
     )
-
-
-def config_fields() -> list[str]:
-    """Names of the :class:`TrainConfig` fields (the CLI maps its options onto them)."""
-    return [f.name for f in fields(TrainConfig)]

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import quote
-from ..models._checkpoint import load_checkpoint, safe_torch_load
+from ..io import load_checkpoint, quote, safe_torch_load
 from ..models.record import check_model_fits_weights, read_model_record
 from .loop import CHECKPOINT_FORMAT, build_model
 from .record_checks import check_state_dict
