@@ -18,7 +18,8 @@ from agentattn.io import atomic_torch_save, load_checkpoint, safe_torch_load, sa
 from agentattn.models.pretrained import load_pretrained
 from agentattn.train import load_training_checkpoint
 from agentattn.train.data import FASHION_MNIST_DIR
-from agentattn.train.loop import CHECKPOINT_FORMAT, build_model
+from agentattn.train.loop import build_model
+from agentattn.train.state import CHECKPOINT_FORMAT
 from tests.conftest import DATA_DIR
 from tests.train import TINY_CLI, TINY_KWARGS, TINY_MODEL
 

@@ -1,7 +1,7 @@
 """``agentattn train --data SRC --model NAME --epochs E --output DIR [--resume] [--overwrite] [...]``.
 
 Options left out take the preset's value (``--preset imagenet-agent``, the paper's ImageNet recipe), else the
-:class:`~agentattn.train.loop.TrainConfig` default. Under ``torchrun --nproc_per_node=K -m agentattn train``
+:class:`~agentattn.train.config.TrainConfig` default. Under ``torchrun --nproc_per_node=K -m agentattn train``
 the run is data-parallel (DDP). Bad input ends with one ``agentattn train: error: ...`` line and exit code 1.
 
 OUTPUT belongs to one live run: a second run into it stops at once. A directory holding an earlier run's results
@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ..io import one_line
-from ..train.loop import CHECKPOINT_NAME, PRESETS, TrainConfig, train
+from ..train.config import PRESETS, TrainConfig
+from ..train.loop import train
+from ..train.state import CHECKPOINT_NAME
 from .defaults import show_config_defaults
 
 

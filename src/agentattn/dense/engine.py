@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..device import resolve_device
-from ..io import atomic_torch_save, atomic_write_text, lock_run_directory, open_log, safe_torch_load
+from ..io import (
+    atomic_torch_save,
+    atomic_write_text,
+    load_tagged_checkpoint,
+    lock_run_directory,
+    open_log,
+)
 from ..models.record import check_model_fits_weights
 from ..train.record_checks import (
     check_architecture_kwargs,
@@ -455,13 +461,7 @@ def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dic
             wrong type or value (the message names the file and the field).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path}: not a checkpoint written by `agentattn dense train` (no {CHECKPOINT_FORMAT!r} tag)"
-        )
+    ckpt = load_tagged_checkpoint(path, CHECKPOINT_FORMAT, "agentattn dense train")
     values = check_dataclass_values(path, "config", get_field(path, ckpt, "config"), DenseConfig)
     for (
         key,

@@ -16,6 +16,7 @@ from .checkpoint import (
     atomic_torch_save,
     check_views_within_storages,
     load_checkpoint,
+    load_tagged_checkpoint,
     safe_torch_load,
     save_safetensors,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "atomic_write_text",
     "check_views_within_storages",
     "load_checkpoint",
+    "load_tagged_checkpoint",
     "lock_run_directory",
     "one_line",
     "open_log",

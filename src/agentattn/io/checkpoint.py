@@ -41,6 +41,7 @@ __all__ = [
     "atomic_torch_save",
     "check_views_within_storages",
     "load_checkpoint",
+    "load_tagged_checkpoint",
     "safe_torch_load",
     "save_safetensors",
 ]
@@ -224,6 +225,23 @@ def safe_torch_load(path: PathLike) -> Any:
         text = text if len(text) <= 300 else text[:297] + "..."
         what = type(err).__name__ if not text else f"{type(err).__name__}: {text}"
         raise ValueError(f"{path}: truncated, corrupted or not a torch checkpoint ({what})") from err
+
+
+def load_tagged_checkpoint(path: PathLike, format_tag: str, written_by: str) -> dict[str, Any]:
+    """Read a checkpoint that one of this package's commands wrote: a dict whose ``format`` is ``format_tag``,
+    read with :func:`safe_torch_load`. Its other fields are the caller's to check.
+
+    Raises:
+        ValueError: a missing, unreadable or corrupted file, or one without the tag (the message names
+            ``written_by``, the command that writes such files, e.g. "agentattn train").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != format_tag:
+        raise ValueError(f"{path}: not a checkpoint written by `{written_by}` (no {format_tag!r} tag)")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------------------------

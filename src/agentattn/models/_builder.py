@@ -1,8 +1,10 @@
-"""What the four model families share: their pretrained cfg, the builder, and the official weight init."""
+"""What the four model families share: their pretrained cfg, the builder, the official weight init, and the reading
+of per-stage arguments."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import timm
@@ -12,6 +14,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from torch import nn
 
+from ..layers.agent_bias import to_2tuple_grid
 from ..ops.tracing import is_tracing
 
 GLOBAL_POOLS = ("avg", "")
@@ -211,3 +214,50 @@ def check_model_name(name: str) -> None:
         raise ValueError(
             f"unknown model {name!r}: use a registered timm name (`timm.list_models('agent_*')`)"
         )
+
+
+def per_stage(name: str, value: Any, count: int, *, unit: str = "stage", pairs: bool = False) -> list[Any]:
+    """One positive int per stage (or per block) from the forms the official configs and timm users write.
+
+    Args:
+        name: the argument's name, for errors.
+        value: an int (every stage), a sequence of ``count`` ints or numeric strings, a '-'-joined string
+            (``'9-16-49-49'``, the official agent_num) or a string of ``count`` digits (``'1211'``, the official
+            agent_sr_ratios).
+        count: how many stages (or blocks).
+        unit: what one entry is for, in errors ("stage", "block").
+        pairs: an entry may also be a (rows, cols) pair of positive ints (an agent grid).
+
+    Raises:
+        ValueError: naming ``name``, the count and the value.
+    """
+    if isinstance(value, str):
+        items: list[Any] = (
+            value.split("-") if "-" in value else list(value) if len(value) == count else [value]
+        )
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value] * count
+    elif isinstance(value, Sequence):
+        items = list(value)
+    else:
+        raise ValueError(f"{name} must be an int or one entry per {unit} ({count}), got {value!r}")
+    if len(items) != count:
+        raise ValueError(f"{name} must be an int or have one entry per {unit} ({count}), got {value!r}")
+    out: list[Any] = []
+    for item in items:
+        if pairs and isinstance(item, (list, tuple)):
+            out.append(to_2tuple_grid(f"{name} entry", tuple(item)))
+            continue
+        if isinstance(item, str) and item.strip().isdigit():
+            item = int(item)
+        try:
+            number = (
+                None if isinstance(item, bool) else operator.index(item)
+            )  # ints and numpy ints, not floats
+        except TypeError:
+            number = None
+        if number is None or number < 1:
+            kinds = "positive ints or (rows, cols) pairs" if pairs else "positive ints"
+            raise ValueError(f"{name} entries must be {kinds}, got {value!r}")
+        out.append(number)
+    return out

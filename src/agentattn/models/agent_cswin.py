@@ -39,6 +39,7 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..layers import CSwinAgentAttention
+from ..layers.agent_bias import to_2tuple_grid
 from ..ops import linear_attention
 from ..ops.tracing import is_tracing
 from ._builder import (
@@ -48,38 +49,12 @@ from ._builder import (
     check_global_pool,
     check_image_input,
     init_official_weights,
+    per_stage,
     with_official_tags,
 )
 from .pretrained import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentCSwinBlock", "AgentCSwinTransformer", "CSwinLinearAttention", "LePEAttention"]
-
-
-def _grid_of(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    if not (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and v > 0 for v in value)
-    ):
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {value!r}")
-    return int(value[0]), int(value[1])
-
-
-def _per_stage(value: Any, name: str, cast=int) -> list:
-    """A 4-entry per-stage list from a list/tuple, a '-'-separated string ('9-16-49-49') or a scalar."""
-    if isinstance(value, str):
-        value = value.split("-")
-    if isinstance(value, (int, float)):
-        value = [value] * 4
-    if not isinstance(value, (list, tuple)) or len(value) != 4:
-        raise ValueError(f"{name} must give one value per stage (4 entries), got {value!r}")
-    try:
-        out = [cast(v) for v in value]
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} has an entry that is not a number: {value!r}") from err
-    return out
 
 
 class LePEAttention(nn.Module):
@@ -330,7 +305,7 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
-        img = _grid_of(img_size, "img_size")
+        img = to_2tuple_grid("img_size", img_size)
         if patch_size != 4:
             raise ValueError(
                 f"patch_size must be 4 (the CSwin stem is a fixed 7×7 stride-4 conv), got {patch_size!r}"
@@ -338,12 +313,12 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
         if qk_scale is not None:
             raise ValueError("qk_scale is not supported: the official model always uses head_dim ** -0.5")
         check_global_pool(global_pool)
-        depth = _per_stage(depth, "depth")
+        depth = per_stage("depth", depth, 4)
         if any(d < 0 for d in depth):
             raise ValueError(f"depth must be non-negative, got {depth!r}")
-        split_size = _per_stage(split_size, "split_size")
-        heads = _per_stage(num_heads, "num_heads")
-        agent_nums = _per_stage(agent_num, "agent_num")
+        split_size = per_stage("split_size", split_size, 4)
+        heads = per_stage("num_heads", num_heads, 4)
+        agent_nums = per_stage("agent_num", agent_num, 4)
         if not isinstance(attn_type, str) or len(attn_type) != 4 or any(c not in "ABL" for c in attn_type):
             raise ValueError(
                 f"attn_type must be 4 letters from 'A', 'B', 'L' (one per stage), got {attn_type!r}"
@@ -357,7 +332,7 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
         if la_split_size is not None:
             # Official agent blocks with la_split_size == stage resolution attend over the whole map; smaller
             # agent windows are not supported (the released models never use them).
-            la = _per_stage(la_split_size, "la_split_size")
+            la = per_stage("la_split_size", la_split_size, 4)
             for i, (s, res) in enumerate(zip(la, resolutions, strict=True)):
                 if attn_type[i] == "A" and s < max(res):
                     raise ValueError(

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
 from ..ops.tracing import is_tracing
-from ._builder import agent_cfg, build_agent_model, check_image_input, with_official_tags
+from ._builder import agent_cfg, build_agent_model, check_image_input, per_stage, with_official_tags
 from .pretrained import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentDeiT", "AgentDeiTBlock", "checkpoint_filter_fn", "parse_attn_type"]
@@ -67,23 +67,6 @@ def parse_attn_type(attn_type: str, depth: int) -> str:
     if len(letters) != depth:
         raise ValueError(f"attn_type {attn_type!r} describes {len(letters)} blocks, but depth = {depth}")
     return letters
-
-
-def _parse_agent_num(agent_num: int | Sequence[int], depth: int) -> list[int]:
-    if isinstance(agent_num, int) and not isinstance(agent_num, bool):
-        nums = [agent_num] * depth
-    elif isinstance(agent_num, Sequence) and not isinstance(agent_num, str):
-        nums = list(agent_num)
-        if len(nums) != depth:
-            raise ValueError(
-                f"agent_num has {len(nums)} entries, but depth = {depth} (one per block, or one int)"
-            )
-    else:
-        raise ValueError(f"agent_num must be an int or a sequence of ints (one per block), got {agent_num!r}")
-    for n in nums:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"agent_num entries must be positive ints, got {agent_num!r}")
-    return nums
 
 
 class AgentDeiTBlock(nn.Module):
@@ -251,7 +234,7 @@ class AgentDeiT(VisionTransformer):
             if name in kwargs:
                 raise ValueError(f"{name} cannot be set for Agent-DeiT; choose the attention with attn_type")
         letters = parse_attn_type(attn_type, depth)
-        agent_nums = _parse_agent_num(agent_num, depth)
+        agent_nums = per_stage("agent_num", agent_num, depth, unit="block")
         img = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         rounding = math.ceil if kwargs.get("dynamic_img_pad") else (lambda v: int(v))

@@ -50,6 +50,7 @@ from ._builder import (
     check_global_pool,
     check_image_input,
     init_official_weights,
+    per_stage,
     with_official_tags,
 )
 from .pretrained import load_pretrained, resize_agent_bias_tables
@@ -304,32 +305,6 @@ def resample_stage_pos_embed(
 # ---------------------------------------------------------------------------------------------------------------
 # Argument parsing
 # ---------------------------------------------------------------------------------------------------------------
-def _per_stage_ints(name: str, value, num_stages: int) -> list[int]:
-    """An int, a '-'-joined or digit string ('9-16-49-49', '1111'), or a sequence of ints/digit strings."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or {num_stages} ints, got {value!r}")
-    if isinstance(value, int):
-        items: Sequence = [value] * num_stages
-    elif isinstance(value, str):
-        items = value.split("-") if "-" in value else list(value)
-    elif isinstance(value, Sequence):
-        items = list(value)
-    else:
-        raise ValueError(f"{name} must be an int or {num_stages} ints, got {value!r}")
-    if len(items) != num_stages:
-        raise ValueError(f"{name} must give one value per stage ({num_stages}), got {value!r}")
-    out = []
-    for item in items:
-        try:
-            number = int(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} entries must be positive ints, got {value!r}") from None
-        if isinstance(item, bool) or isinstance(item, float) or number < 1:
-            raise ValueError(f"{name} entries must be positive ints, got {value!r}")
-        out.append(number)
-    return out
-
-
 def _per_stage_seq(name: str, value, num_stages: int) -> list:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != num_stages:
         raise ValueError(f"{name} must be a sequence of {num_stages} values (one per stage), got {value!r}")
@@ -413,9 +388,9 @@ class AgentPVT(LinearHeadMixin, nn.Module):
         embed_dims = _per_stage_seq("embed_dims", embed_dims, num_stages)
         num_heads = _per_stage_seq("num_heads", num_heads, num_stages)
         mlp_ratios = _per_stage_seq("mlp_ratios", mlp_ratios, num_stages)
-        sr_ratios = _per_stage_ints("sr_ratios", sr_ratios, num_stages)
-        agent_sr_ratios = _per_stage_ints("agent_sr_ratios", agent_sr_ratios, num_stages)
-        agent_num = _per_stage_ints("agent_num", agent_num, num_stages)
+        sr_ratios = per_stage("sr_ratios", sr_ratios, num_stages)
+        agent_sr_ratios = per_stage("agent_sr_ratios", agent_sr_ratios, num_stages)
+        agent_num = per_stage("agent_num", agent_num, num_stages)
         attn_type = "A" * num_stages if attn_type is None else attn_type  # official default for None
         if (
             not isinstance(attn_type, str)

@@ -50,6 +50,7 @@ from ._builder import (
     check_global_pool,
     check_image_input,
     init_official_weights,
+    per_stage,
     with_official_tags,
 )
 from .pretrained import load_pretrained, resize_agent_bias_tables
@@ -107,31 +108,6 @@ def parse_attn_type(attn_type: str | Sequence[str], depths: Sequence[int]) -> li
         else:
             raise ValueError(f"attn_type stage {stage} is {spec!r}; expected 'A', 'B', 'L' or 'M<k>'")
     return kinds
-
-
-def _per_stage_agent_num(agent_num: Any, num_stages: int) -> list[int | tuple[int, int]]:
-    """agent_num as one entry per stage; ints, numeric strings (the official ``'9-16-49-49'.split('-')``) or pairs."""
-    if isinstance(agent_num, str):
-        agent_num = agent_num.split("-")
-    if isinstance(agent_num, int) and not isinstance(agent_num, bool):
-        agent_num = [agent_num] * num_stages
-    if not isinstance(agent_num, (list, tuple)) or len(agent_num) != num_stages:
-        raise ValueError(
-            f"agent_num must be an int or have one entry per stage ({num_stages}), got {agent_num!r}"
-        )
-    out: list[int | tuple[int, int]] = []
-    for value in agent_num:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, (list, tuple)):
-            out.append(to_2tuple_grid("agent_num", tuple(value)))
-        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            out.append(value)
-        else:
-            raise ValueError(
-                f"agent_num entries must be positive ints (or (rows, cols) pairs), got {agent_num!r}"
-            )
-    return out
 
 
 def _per_stage_agent_shape(shape: Any, num_stages: int) -> list[tuple[int, int] | None]:
@@ -422,7 +398,7 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
         if qk_scale is not None:
             raise ValueError("qk_scale is not supported (the official agent models use head_dim ** -0.5)")
         kinds = parse_attn_type(attn_type, depths)
-        agent_nums = _per_stage_agent_num(agent_num, num_stages)
+        agent_nums = per_stage("agent_num", agent_num, num_stages, pairs=True)
         agent_shapes = _per_stage_agent_shape(downstream_agent_shape, num_stages)
         proj_drop_rate = drop_rate if proj_drop_rate is None else proj_drop_rate
 

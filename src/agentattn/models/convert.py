@@ -31,6 +31,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
 from torch import nn
 
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
+from ._builder import per_stage
 
 __all__ = ["GlobalAgentSwinBlock", "ViTAgentAttention", "convert_to_agent"]
 
@@ -125,20 +126,6 @@ def _select(blocks: Iterable[int] | None, total: int, default: list[int]) -> lis
     return sorted(set(chosen))
 
 
-def _per_unit(agent_num: int | Sequence[int], count: int, unit: str) -> list[int]:
-    if isinstance(agent_num, int) and not isinstance(agent_num, bool):
-        nums = [agent_num] * count
-    elif isinstance(agent_num, Sequence) and not isinstance(agent_num, str) and len(agent_num) == count:
-        nums = list(agent_num)
-    else:
-        raise ValueError(
-            f"agent_num must be an int or a sequence with one int per {unit} ({count}), got {agent_num!r}"
-        )
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in nums):
-        raise ValueError(f"agent_num entries must be positive ints, got {agent_num!r}")
-    return nums
-
-
 @torch.no_grad()
 def _agent_from(
     old: nn.Module,
@@ -187,7 +174,7 @@ def _convert_vit(
     learned_agents: bool,
 ) -> None:
     depth = len(model.blocks)
-    nums = _per_unit(agent_num, depth, "block")
+    nums = per_stage("agent_num", agent_num, depth, unit="block")
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     prefix = model.num_prefix_tokens
     patch_embed = model.patch_embed
@@ -225,7 +212,7 @@ def _convert_vit(
 
 def _convert_agent_deit(model: nn.Module, agent_num, blocks, learned_agents) -> None:
     depth = len(model.blocks)
-    nums = _per_unit(agent_num, depth, "block")
+    nums = per_stage("agent_num", agent_num, depth, unit="block")
     default = [i for i, blk in enumerate(model.blocks) if blk.attn_letter != "A"]
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     letters = list(model.attn_type)
@@ -256,7 +243,7 @@ def _convert_swin(
     model: SwinTransformer, agent_num: int | Sequence[int], blocks: Iterable[int] | None, learned_agents: bool
 ) -> None:
     stages = list(model.layers)
-    nums = _per_unit(agent_num, len(stages), "stage")
+    nums = per_stage("agent_num", agent_num, len(stages), unit="stage")
     flat = [(s, blk) for s, stage in enumerate(stages) for blk in stage.blocks]
     for k in _select(blocks, len(flat), list(range(len(flat)))):
         stage_idx, block = flat[k]

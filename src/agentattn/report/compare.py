@@ -15,26 +15,29 @@ that comparison's own files (nothing else).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
+import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..io import atomic_write_text, lock_run_directory
+from ..io import atomic_write_text, lock_run_directory, one_line
 from ..measure import count_flops, count_params
+from ..train.config import TrainConfig
 from ..train.data import DataBundle, build_data
-from ..train.loop import RUN_FILES as TRAIN_RUN_FILES
+from ..train.loop import train
 from ..train.record_checks import prepare_output
 from ..train.restore import model_from_checkpoint
+from ..train.state import RUN_FILES as TRAIN_RUN_FILES
 from .explain import explain
 from .figures import plot_curves
 from .memory import step_peak_memory_mib
@@ -131,41 +134,41 @@ class TwinResult:
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _kwargs_args(kwargs: dict[str, Any]) -> list[str]:
-    # repr() keeps strings quoted and tuples as tuples, which is what `--model-kwargs` parses back.
-    return [f"{k}={v!r}" for k, v in kwargs.items()]
+def _train_child(config: TrainConfig, conn: Connection) -> None:
+    """In the child process: train, then send ("ok", peak RSS in KiB) or ("error", one line) back."""
+    try:
+        train(config)
+    except BaseException as err:
+        conn.send(("error", one_line(err)))
+        raise SystemExit(1) from None
+    conn.send(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))  # KiB on Linux
 
 
 def _train_twin(config: CompareConfig, twin: str, run_dir: Path) -> tuple[float, float]:
-    """Train one twin in a child process; return (peak RSS in MiB, wall seconds)."""
-    cmd = [
-        sys.executable, "-m", "agentattn", "train",
-        "--data", config.data,
-        "--model", config.model,
-        "--model-kwargs", *_kwargs_args({**config.model_kwargs, "attn_type": TWINS[twin]}),
-        "--epochs", str(config.total_epochs),
-        "--batch-size", str(config.batch_size),
-        "--seed", str(config.seed),
-        "--output", str(run_dir),
-    ]  # fmt: skip
-    for flag, value in (
-        ("--train-subset", config.train_subset),
-        ("--eval-subset", config.eval_subset),
-        ("--max-steps", config.max_steps or None),
-        ("--threads", config.threads or None),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
-    if not config.progress:
-        cmd.append("--no-progress")
+    """Train one twin with :func:`agentattn.train.train` in a fresh child process (its memory and threads are its
+    own, as a separate ``agentattn train`` run's would be); return (its peak RSS in MiB, wall seconds)."""
+    train_config = TrainConfig(
+        data=config.data, model=config.model, model_kwargs={**config.model_kwargs, "attn_type": TWINS[twin]},
+        epochs=config.total_epochs, batch_size=config.batch_size, seed=config.seed, output=str(run_dir),
+        train_subset=config.train_subset, eval_subset=config.eval_subset, max_steps=config.max_steps,
+        threads=config.threads, progress=config.progress,
+    )  # fmt: skip
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this process's state
+    receive, send = context.Pipe(duplex=False)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    # wait4 gives this child's own rusage: its peak resident memory, unmixed with the other twins'.
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training the {twin} twin failed (exit code {proc.returncode}); see {run_dir}")
-    return usage.ru_maxrss / 1024.0, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+    child = context.Process(target=_train_child, args=(train_config, send), name=f"train-{twin}")
+    child.start()
+    send.close()
+    try:
+        status, value = receive.recv()
+    except EOFError:  # the child died without a word (killed, out of memory)
+        status, value = "error", "the process ended without a result"
+    child.join()
+    if status != "ok" or child.exitcode != 0:
+        raise RuntimeError(
+            f"training the {twin} twin failed (exit code {child.exitcode}): {value}; see {run_dir}"
+        )
+    return value / 1024.0, time.perf_counter() - start
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,10 @@
-"""Training and evaluation: data sources (:mod:`.data`) and the training loop (:mod:`.loop`)."""
+"""Training and evaluation: what to run (:mod:`.config`), data sources (:mod:`.data`), the training loop
+(:mod:`.loop`) and what a run keeps across a kill (:mod:`.state`)."""
 
+from .config import PRESETS, TrainConfig
 from .data import DataBundle, EpochSampler, build_data, load_fashion_mnist, read_idx
-from .loop import PRESETS, TrainConfig, TrainResult, evaluate, load_training_checkpoint, train
+from .loop import TrainResult, evaluate, train
+from .state import load_training_checkpoint
 
 __all__ = [
     "PRESETS",

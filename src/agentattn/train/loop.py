@@ -24,18 +24,13 @@ run is killed and resumed.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
 import os
-import random
-import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
@@ -50,131 +45,37 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..device import resolve_device
-from ..io import atomic_torch_save, lock_run_directory, open_log, quote, safe_torch_load
+from ..io import atomic_torch_save, lock_run_directory
 from ..models import check_model_name
+from .config import TrainConfig, _amp_dtype, check_config
 from .data import DataBundle, EpochSampler, build_data
 from .record_checks import (
     check_dict,
-    check_int,
-    check_list,
-    check_number,
     check_optimizer_state,
-    check_plain,
-    check_rng_state,
     check_scheduler_state,
     check_state_dict,
-    check_str,
     get_field,
     load_state_dict_checked,
-    remove_results,
-    results_in,
+)
+from .state import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    _MetricsWriter,
+    _prepare_output,
+    _resume_fields,
+    _rng_state,
+    _seed_everything,
+    _set_rng_state,
+    load_training_checkpoint,
+    plain_config,
 )
 
 __all__ = [
-    "PRESETS",
-    "TrainConfig",
     "TrainResult",
     "build_model",
     "evaluate",
-    "load_training_checkpoint",
     "train",
 ]
-
-CHECKPOINT_NAME = "last.pth"
-CHECKPOINT_FORMAT = "agentattn-train-v1"
-METRICS_NAMES = ("metrics.jsonl", "metrics.csv")
-# The files a run writes into its output directory: what --overwrite removes, and nothing else.
-RUN_FILES = (*METRICS_NAMES, CHECKPOINT_NAME)
-# Options a resumed run must share with the run it continues.
-_RESUME_KEYS = (
-    "data",
-    "model_kwargs",
-    "seed",
-    "batch_size",
-    "train_subset",
-    "img_size",
-    "drop_path",
-    "epochs",
-)
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. ``agentattn train`` fills it from the command line."""
-
-    data: str = "fashion-mnist"
-    model: str = "agent_pvt_tiny_224"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    output: str = "runs/train"
-    epochs: int = 1
-    cooldown_epochs: int = 0  # extra epochs at min_lr after the cosine ends (the official PVT/CSwin recipe)
-    batch_size: int = 128  # per process
-    lr: float = 1e-3
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    warmup_epochs: float = 0.0
-    lr_base_batch: int = 0  # >0: scale the three lrs by global batch / lr_base_batch (the paper uses 512)
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    label_smoothing: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    clip_grad: float = 0.0  # 0: off
-    ema_decay: float = 0.0  # 0: no EMA
-    amp: str = "none"  # none | bf16 (CPU or CUDA) | fp16 (CUDA, with a GradScaler)
-    drop_path: float | None = None  # overrides the model's drop_path_rate
-    img_size: int | None = None  # default: the data's native size (28 for Fashion-MNIST, 224 for folders)
-    auto_augment: str | None = None  # image folders only (timm transforms)
-    color_jitter: float = 0.0
-    reprob: float = 0.0
-    interpolation: str = "bilinear"
-    train_subset: int | None = None
-    eval_subset: int | None = None
-    seed: int = 0
-    deterministic: bool = False
-    threads: int = 0  # 0: torch's default (deterministic mode fixes it to 1 unless given)
-    num_workers: int = 0
-    ckpt_every_steps: int = 0
-    max_steps: int = 0  # >0: stop after this many optimizer steps in total (smoke tests)
-    resume: bool = False
-    overwrite: bool = False  # replace an earlier run's results (that has no checkpoint to resume)
-    device: str = "auto"
-    progress: bool = True
-    preset: str | None = None
-
-
-# The ImageNet recipe of the paper (spec §7.1, Swin/DeiT defaults). Per-family overrides (PVT: warmup 5,
-# cooldown 10, min lr 1e-5, warmup lr 1e-6, clip off for T/S) go on the command line.
-PRESETS: dict[str, dict[str, Any]] = {
-    "imagenet-agent": dict(
-        epochs=300,
-        warmup_epochs=20,
-        cooldown_epochs=0,
-        batch_size=128,
-        lr=5e-4,
-        warmup_lr=5e-7,
-        min_lr=5e-6,
-        lr_base_batch=512,
-        weight_decay=0.05,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        clip_grad=5.0,
-        label_smoothing=0.1,
-        mixup=0.8,
-        cutmix=1.0,
-        mixup_prob=1.0,
-        mixup_switch_prob=0.5,
-        auto_augment="rand-m9-mstd0.5-inc1",
-        color_jitter=0.4,
-        reprob=0.25,
-        interpolation="bicubic",
-        img_size=224,
-        num_workers=8,
-    ),
-}
 
 
 @dataclass
@@ -206,111 +107,6 @@ def build_model(
         return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"model {name!r} rejects the model kwargs {kwargs}: {err}") from err
-
-
-def _rng_state() -> dict[str, Any]:
-    # Plain containers only (numpy's state holds an ndarray, which the safe loader would refuse).
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002  (timm Mixup draws from it)
-    state = {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002  (the global RNG is what timm Mixup uses)
-    torch.manual_seed(seed)
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train` with the safe loader (no pickled code runs).
-
-    Raises:
-        ValueError: missing, unreadable or corrupted file, or one that :func:`train` did not write.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path}: not a checkpoint written by `agentattn train` (no {CHECKPOINT_FORMAT!r} tag)"
-        )
-    return ckpt
-
-
-def _plain_config(config: TrainConfig) -> dict[str, Any]:
-    out = asdict(config)
-    out["betas"] = list(config.betas)
-    return out
-
-
-class _MetricsWriter:
-    """Appends JSONL (steps and epochs) and CSV (epochs) lines; ``sizes()`` lets a resume truncate them."""
-
-    def __init__(
-        self, output: Path, enabled: bool, truncate_to: dict[str, int] | None, source: Path | None = None
-    ) -> None:
-        self.enabled = enabled
-        self.jsonl_path, self.csv_path = output / "metrics.jsonl", output / "metrics.csv"
-        if not enabled:
-            return
-        paths = (self.jsonl_path, self.csv_path)
-        with contextlib.ExitStack() as stack:
-            # Both logs open (a symlink is refused) before either is cut.
-            logs = [stack.enter_context(open_log(path, binary=True)) for path in paths]
-            for path, log in zip(paths, logs, strict=True):
-                size = (truncate_to or {}).get(path.name, 0)
-                current = os.fstat(log.fileno()).st_size
-                if size > current:  # never grow a log (a huge size would make a huge sparse file)
-                    raise ValueError(
-                        f"{source}: field metrics_bytes[{path.name!r}] must be at most {current} (the size of "
-                        f"{path}), got {size}"
-                    )
-                # Drop the lines written after the checkpoint we resume from: they will be written again.
-                log.truncate(size)
-        self.jsonl = open_log(self.jsonl_path)
-        self.csv = open_log(self.csv_path)
-
-    def step(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            self.jsonl.write(json.dumps({"kind": "step", **record}) + "\n")
-
-    def epoch(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"kind": "epoch", **record}) + "\n")
-        writer = csv.DictWriter(self.csv, fieldnames=list(record))
-        if self.csv.tell() == 0:
-            writer.writeheader()
-        writer.writerow(record)
-
-    def sizes(self) -> dict[str, int]:
-        if not self.enabled:
-            return {}
-        self.jsonl.flush()
-        self.csv.flush()
-        return {self.jsonl_path.name: self.jsonl.tell(), self.csv_path.name: self.csv.tell()}
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.csv.close()
 
 
 @torch.no_grad()
@@ -359,157 +155,8 @@ def evaluate(
     }
 
 
-def check_config(config: TrainConfig) -> None:
-    """ValueError naming the option (as on the command line) for out-of-range settings, before any work."""
-
-    def bad(name: str, want: str) -> ValueError:
-        return ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(config, name)!r}")
-
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise bad(name, "at least 1")
-    for name in (
-        "cooldown_epochs",
-        "lr_base_batch",
-        "threads",
-        "num_workers",
-        "ckpt_every_steps",
-        "max_steps",
-    ):
-        if getattr(config, name) < 0:
-            raise bad(name, ">= 0")
-    for name in ("lr", "warmup_lr", "min_lr", "warmup_epochs", "weight_decay", "mixup", "cutmix", "clip_grad",
-                 "eps", "color_jitter"):  # fmt: skip
-        value = getattr(config, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise bad(name, "a finite number >= 0")
-    if not config.lr > 0:
-        raise bad("lr", "> 0")
-    for name in ("label_smoothing", "ema_decay"):
-        if not 0.0 <= getattr(config, name) < 1.0:
-            raise bad(name, "in [0, 1)")
-    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
-        if not 0.0 <= getattr(config, name) <= 1.0:
-            raise bad(name, "in [0, 1]")
-    if config.drop_path is not None and not 0.0 <= config.drop_path < 1.0:
-        raise bad("drop_path", "in [0, 1)")
-    for name in ("img_size", "train_subset", "eval_subset"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise bad(name, "a positive int")
-    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith(("cuda:", "mps", "xpu")):
-        raise bad("device", "auto, cpu or cuda[:N]")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {config.device!r}: CUDA is not available on this machine; use device 'cpu'")
-
-
-def _amp_dtype(amp: str) -> torch.dtype | None:
-    if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"--amp must be none, bf16 or fp16, not {amp!r}")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The run directory and the checkpoint to resume.
-
-
-def _prepare_output(output: Path, config: TrainConfig) -> None:
-    """Refuse to start over an earlier run's results (unless ``overwrite``: then remove its files).
-
-    Called by rank 0 with the directory locked. Resuming an existing checkpoint is always allowed; ``resume``
-    without one is refused (timm's train.py refuses a missing --resume file too) rather than starting over,
-    unless ``overwrite`` also says to start over.
-    """
-    ckpt_path = output / CHECKPOINT_NAME
-    if config.resume and ckpt_path.is_file():
-        return
-    found = results_in(output, RUN_FILES)
-    if config.resume and not config.overwrite:
-        earlier = f" (it holds an earlier run's {', '.join(found)})" if found else ""
-        raise ValueError(
-            f"nothing to resume: {ckpt_path} does not exist{earlier}; start the run without --resume, choose "
-            "another --output, or pass --overwrite to replace the earlier results"
-        )
-    if not found:
-        return
-    if config.overwrite:
-        removed = remove_results(output, RUN_FILES)
-        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {output}")
-        return
-    if CHECKPOINT_NAME in found:
-        raise ValueError(
-            f"{ckpt_path} exists: pass --resume to continue that run, choose another --output, or pass "
-            "--overwrite to replace its results"
-        )
-    raise ValueError(
-        f"{output} holds results of an earlier run ({', '.join(found)}) but no {CHECKPOINT_NAME} to continue "
-        "it with --resume: choose another --output, or pass --overwrite to replace them"
-    )
-
-
-def _log_size(path: Path) -> int | None:
-    """The size of the log at ``path``, 0 when there is none; None for a symlink or another non-regular file
-    (refused when it is opened, before anything is cut)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
-
-
-def _resume_fields(path: Path, ckpt: dict[str, Any], config: TrainConfig, master: bool) -> dict[str, Any]:
-    """Check the fields of the checkpoint ``path`` that do not depend on the data or the model (before the data
-    loads: a bad file fails at once). ValueError names the file and the field."""
-    name = check_str(path, "model_name", get_field(path, ckpt, "model_name"), 500)
-    if name != config.model:
-        raise ValueError(f"{path} is a {quote(name)} checkpoint, not {config.model!r}")
-    # These fix the data order and the weights' shapes: resuming with other values would not continue the run.
-    saved = check_plain(path, "config", check_dict(path, "config", get_field(path, ckpt, "config")))
-    now = _plain_config(config)
-    changed = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {quote(saved.get(k), 80)} -> {quote(now[k], 80)}" for k in changed)
-        raise ValueError(f"{path} was written with other settings ({diffs}): pass the run's options again")
-    total_epochs = config.epochs + config.cooldown_epochs
-    epoch = check_int(path, "epoch", get_field(path, ckpt, "epoch"), 0, total_epochs)
-    step = check_int(path, "step_in_epoch", get_field(path, ckpt, "step_in_epoch"), 0)
-    global_step = check_int(path, "global_step", get_field(path, ckpt, "global_step"), 0, 2**62)
-    sums = check_list(path, "epoch_sums", get_field(path, ckpt, "epoch_sums"), 2)
-    loss_sum = check_number(path, "epoch_sums[0]", sums[0], 0)
-    seen = check_int(path, "epoch_sums[1]", sums[1], 0)
-    history = check_list(path, "history", get_field(path, ckpt, "history"))
-    if len(history) != epoch:  # one record per finished epoch
-        raise ValueError(
-            f"{path}: field history must be a list of {epoch} epoch records (field epoch is {epoch}), "
-            f"got {len(history)}"
-        )
-    for i, record in enumerate(history):
-        for key, value in check_dict(path, f"history[{i}]", record).items():
-            check_number(path, f"history[{i}].{quote(key, 40)[1:-1]}", value, finite=False)
-    sizes = check_dict(path, "metrics_bytes", get_field(path, ckpt, "metrics_bytes"))
-    if set(sizes) != set(METRICS_NAMES):
-        raise ValueError(
-            f"{path}: field metrics_bytes must have the keys {list(METRICS_NAMES)}, got {quote(list(sizes))}"
-        )
-    output = path.parent
-    for log in METRICS_NAMES:
-        size = check_int(path, f"metrics_bytes[{log!r}]", sizes[log], 0)
-        current = _log_size(output / log) if master else None
-        if current is not None and size > current:
-            raise ValueError(
-                f"{path}: field metrics_bytes[{log!r}] must be an int in [0, {current}] (the size of "
-                f"{output / log}), got {size}"
-            )
-    rng = check_rng_state(path, "rng", get_field(path, ckpt, "rng"))
-    return dict(
-        epoch=epoch,
-        step_in_epoch=step,
-        global_step=global_step,
-        epoch_sums=(loss_sum, seen),
-        history=[dict(r) for r in history],
-        metrics_bytes={k: int(sizes[k]) for k in METRICS_NAMES},
-        rng=rng,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,19 +178,33 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
         return _train(config, data, stack)
 
 
-def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitStack) -> TrainResult:
-    # ---- processes, devices, determinism
-    check_config(config)
-    check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
+@dataclass
+class _Process:
+    """Where this process trains: its rank among ``world_size`` processes, its device and its autocast dtype."""
+
+    world_size: int
+    rank: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:  # rank 0 alone logs, evaluates and checkpoints
+        return self.rank == 0
+
+
+def _start_process(config: TrainConfig) -> _Process:
+    """Join the process group under torchrun, pick the device, and set determinism and threads."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    distributed = world_size > 1
     device = resolve_device(config.device, local_rank)
-    if distributed and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    master = rank == 0
     if config.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -554,19 +215,11 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
     amp_dtype = _amp_dtype(config.amp)
     if amp_dtype == torch.float16 and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (it uses a GradScaler): use --amp bf16 on the CPU")
-    output = Path(config.output)
-    ckpt_path = output / CHECKPOINT_NAME
-    if master:
-        # One live run per directory; this also removes the temp files of writers that are gone (a kill
-        # during a save), never a live writer's. last.pth itself is intact.
-        stack.enter_context(lock_run_directory(output))
-        _prepare_output(output, config)
-    ckpt, resumed = None, None
-    if config.resume and ckpt_path.is_file():
-        ckpt = load_training_checkpoint(ckpt_path)
-        resumed = _resume_fields(ckpt_path, ckpt, config, master)
+    return _Process(world_size, rank, device, amp_dtype)
 
-    # ---- data
+
+def _load_data(config: TrainConfig, data: DataBundle | None, world_size: int) -> tuple[DataBundle, int]:
+    """The data (built from ``config.data`` unless given) and the number of optimizer steps per epoch."""
     if data is None:
         data = build_data(
             config.data,
@@ -589,13 +242,33 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
             f"the training set ({len(data.train)} images) is smaller than one global batch ({global_batch}): "  # type: ignore[arg-type]
             "use a smaller --batch-size or a larger --train-subset"
         )
+    return data, steps_per_epoch
 
-    # ---- model, optimizer, schedule, EMA (same seed on every rank: same initial weights)
+
+@dataclass
+class _Parts:
+    """What a run trains and checkpoints: the model and everything that updates it."""
+
+    model: nn.Module
+    model_kwargs: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler | None
+    ema: ModelEmaV3 | None
+    mixup: Mixup | None
+    criterion: nn.Module
+
+
+def _build_parts(config: TrainConfig, data: DataBundle, proc: _Process, steps_per_epoch: int) -> _Parts:
+    """Model, AdamW, cosine schedule (per step, with warm-up), EMA, mixup and loss, as timm's recipe sets them.
+    The same seed on every rank gives every rank the same initial weights."""
     _seed_everything(config.seed)
     model_kwargs = dict(config.model_kwargs)
     if config.drop_path is not None:
         model_kwargs["drop_path_rate"] = config.drop_path
-    model = build_model(config.model, data.num_classes, data.in_chans, data.img_size, model_kwargs).to(device)
+    model = build_model(config.model, data.num_classes, data.in_chans, data.img_size, model_kwargs)
+    model = model.to(proc.device)
+    global_batch = config.batch_size * proc.world_size
     scale = global_batch / config.lr_base_batch if config.lr_base_batch > 0 else 1.0
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     optimizer = torch.optim.AdamW(
@@ -615,7 +288,7 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
         cycle_limit=1,
         t_in_epochs=False,
     )
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if proc.amp_dtype == torch.float16 else None
     ema = (
         ModelEmaV3(model, decay=config.ema_decay, stochastic_rounding=False) if config.ema_decay > 0 else None
     )
@@ -632,61 +305,193 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
     criterion: nn.Module = (
         SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     )
+    return _Parts(model, model_kwargs, optimizer, scheduler, scaler, ema, mixup, criterion)
 
-    # ---- resume (every field checked before it is used)
-    start_epoch, start_step, global_step, metrics_sizes, history = 0, 0, 0, None, []
-    resume_rng, resume_sums = None, (0.0, 0)
+
+@dataclass
+class _Position:
+    """Where the run goes on: the batches before (epoch, step_in_epoch) were consumed."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_sums: tuple[float, int] = (0.0, 0)  # train-loss sum and count of the epoch begun
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics_sizes: dict[str, int] | None = None
+    rng: dict[str, Any] | None = None
+
+
+def _restore(
+    path: Path, ckpt: dict[str, Any], resumed: dict[str, Any], config: TrainConfig, parts: _Parts, steps: int
+) -> _Position:
+    """Load the checkpoint ``ckpt`` (its fields checked by ``_resume_fields``) into ``parts``; every state is
+    checked against the part it goes into before any is loaded."""
+    last = steps - 1 if resumed["epoch"] < config.epochs + config.cooldown_epochs else 0
+    if resumed["step_in_epoch"] > last:
+        raise ValueError(
+            f"{path}: field step_in_epoch must be an int in [0, {last}], got {resumed['step_in_epoch']}"
+        )
+    load_state_dict_checked(path, "model", parts.model, get_field(path, ckpt, "model"))
+    optimizer_state = check_optimizer_state(
+        path, "optimizer", get_field(path, ckpt, "optimizer"), parts.optimizer
+    )
+    scheduler_state = check_scheduler_state(
+        path, "scheduler", get_field(path, ckpt, "scheduler"), parts.scheduler.state_dict()
+    )
+    scaler_state = get_field(path, ckpt, "scaler")
+    if scaler_state is not None:
+        check_dict(path, "scaler", scaler_state)
+        if parts.scaler is not None and scaler_state:
+            check_scheduler_state(path, "scaler", scaler_state, parts.scaler.state_dict())
+    ema_state = get_field(path, ckpt, "state_dict_ema")
+    if ema_state is not None:
+        check_state_dict(path, "state_dict_ema", ema_state)
+        if parts.ema is not None and ema_state:
+            load_state_dict_checked(path, "state_dict_ema", parts.ema.module, ema_state)
+    parts.optimizer.load_state_dict(optimizer_state)
+    parts.scheduler.load_state_dict(scheduler_state)
+    if parts.scaler is not None and scaler_state:
+        parts.scaler.load_state_dict(scaler_state)
+    return _Position(
+        epoch=resumed["epoch"],
+        step_in_epoch=resumed["step_in_epoch"],
+        global_step=resumed["global_step"],
+        epoch_sums=resumed["epoch_sums"],
+        history=resumed["history"],
+        metrics_sizes=resumed["metrics_bytes"],
+        rng=resumed["rng"],
+    )
+
+
+def _checkpoint_state(
+    config: TrainConfig, data: DataBundle, parts: _Parts, position: _Position, metrics: _MetricsWriter
+) -> dict[str, Any]:
+    """Everything a resumed run needs to continue as if never stopped (read back by ``_resume_fields``)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": config.model,
+        "model_kwargs": parts.model_kwargs,
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "img_size": data.img_size,
+        "class_names": list(data.class_names),
+        "config": plain_config(config),
+        "model": parts.model.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+        "state_dict_ema": parts.ema.module.state_dict() if parts.ema is not None else None,
+        "rng": _rng_state(),
+        "epoch": position.epoch,
+        "step_in_epoch": position.step_in_epoch,
+        "global_step": position.global_step,
+        "epoch_sums": list(position.epoch_sums),
+        "metrics_bytes": metrics.sizes(),
+        "history": position.history,
+    }
+
+
+def _train_step(
+    parts: _Parts, train_model: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
+    proc: _Process, global_step: int, where: str,
+) -> tuple[float, float | None, float]:  # fmt: skip
+    """One optimizer step on a batch; ``global_step`` counts it. Returns (loss, grad norm or None, the lr used).
+
+    Raises:
+        FloatingPointError: the loss is not finite.
+    """
+    images, targets = images.to(proc.device, non_blocking=True), targets.to(proc.device, non_blocking=True)
+    if parts.mixup is not None:
+        images, targets = parts.mixup(images, targets)
+    with torch.autocast(
+        proc.device.type, dtype=proc.amp_dtype or torch.bfloat16, enabled=proc.amp_dtype is not None
+    ):
+        logits = train_model(images)
+    loss = parts.criterion(logits.float(), targets)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"loss is {loss.item()} at {where}")
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.scaler is not None:
+        parts.scaler.scale(loss).backward()
+        parts.scaler.unscale_(parts.optimizer)
+    else:
+        loss.backward()
+    grad_norm = None
+    if config.clip_grad > 0:
+        grad_norm = nn.utils.clip_grad_norm_(parts.model.parameters(), config.clip_grad).item()
+    if parts.scaler is not None:
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    else:
+        parts.optimizer.step()
+    if parts.ema is not None:
+        parts.ema.update(parts.model, step=global_step)
+    lr = parts.optimizer.param_groups[0]["lr"]  # the lr this step used
+    parts.scheduler.step_update(num_updates=global_step)
+    return loss.item(), grad_norm, lr
+
+
+def _epoch_record(
+    config: TrainConfig, data: DataBundle, parts: _Parts, proc: _Process, eval_loader: DataLoader,
+    position: _Position, epoch_time: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the model (and its EMA) at the end of an epoch: the record that the logs and history keep."""
+    show = config.progress  # rank 0 only, as here
+    result = evaluate(parts.model, eval_loader, proc.device, data.num_classes, proc.amp_dtype, progress=show)
+    loss_sum, seen = position.epoch_sums
+    record = dict(
+        epoch=position.epoch,
+        global_step=position.global_step,
+        lr=parts.optimizer.param_groups[0]["lr"],
+        train_loss=loss_sum / max(seen, 1),
+        eval_loss=result["loss"],
+        eval_top1=result["top1"],
+        eval_top5=result["top5"],
+    )
+    if parts.ema is not None:
+        ema_result = evaluate(
+            parts.ema.module, eval_loader, proc.device, data.num_classes, proc.amp_dtype, progress=show
+        )
+        record.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"])
+    record.update(epoch_time_s=epoch_time, img_per_s=seen * proc.world_size / max(epoch_time, 1e-9))
+    return record
+
+
+def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitStack) -> TrainResult:
+    check_config(config)
+    check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
+    proc = _start_process(config)
+    output = Path(config.output)
+    ckpt_path = output / CHECKPOINT_NAME
+    if proc.master:
+        # One live run per directory; this also removes the temp files of writers that are gone (a kill
+        # during a save), never a live writer's. last.pth itself is intact.
+        stack.enter_context(lock_run_directory(output))
+        _prepare_output(output, config)
+    ckpt, resumed = None, None
+    if config.resume and ckpt_path.is_file():  # its plain fields are checked before the data loads
+        ckpt = load_training_checkpoint(ckpt_path)
+        resumed = _resume_fields(ckpt_path, ckpt, config, proc.master)
+    data, steps_per_epoch = _load_data(config, data, proc.world_size)
+    parts = _build_parts(config, data, proc, steps_per_epoch)
+    position = _Position()
     if ckpt is not None and resumed is not None:
-        total = config.epochs + config.cooldown_epochs
-        last = steps_per_epoch - 1 if resumed["epoch"] < total else 0
-        if resumed["step_in_epoch"] > last:
-            raise ValueError(
-                f"{ckpt_path}: field step_in_epoch must be an int in [0, {last}], got {resumed['step_in_epoch']}"
-            )
-        load_state_dict_checked(ckpt_path, "model", model, get_field(ckpt_path, ckpt, "model"))
-        optimizer_state = check_optimizer_state(
-            ckpt_path, "optimizer", get_field(ckpt_path, ckpt, "optimizer"), optimizer
-        )
-        scheduler_state = check_scheduler_state(
-            ckpt_path, "scheduler", get_field(ckpt_path, ckpt, "scheduler"), scheduler.state_dict()
-        )
-        scaler_state = get_field(ckpt_path, ckpt, "scaler")
-        if scaler_state is not None:
-            check_dict(ckpt_path, "scaler", scaler_state)
-            if scaler is not None and scaler_state:
-                check_scheduler_state(ckpt_path, "scaler", scaler_state, scaler.state_dict())
-        ema_state = get_field(ckpt_path, ckpt, "state_dict_ema")
-        if ema_state is not None:
-            check_state_dict(ckpt_path, "state_dict_ema", ema_state)
-            if ema is not None and ema_state:
-                load_state_dict_checked(ckpt_path, "state_dict_ema", ema.module, ema_state)
-        optimizer.load_state_dict(optimizer_state)
-        scheduler.load_state_dict(scheduler_state)
-        if scaler is not None and scaler_state:
-            scaler.load_state_dict(scaler_state)
-        start_epoch, start_step, global_step = (
-            resumed["epoch"],
-            resumed["step_in_epoch"],
-            resumed["global_step"],
-        )
-        metrics_sizes, history, resume_rng = resumed["metrics_bytes"], resumed["history"], resumed["rng"]
-        resume_sums = resumed["epoch_sums"]
-        if master:
+        position = _restore(ckpt_path, ckpt, resumed, config, parts, steps_per_epoch)
+        if proc.master:
             print(
-                f"resuming from {ckpt_path}: epoch {start_epoch}, step {start_step} (global step {global_step})"
+                f"resuming from {ckpt_path}: epoch {position.epoch}, step {position.step_in_epoch} "
+                f"(global step {position.global_step})"
             )
-
-    train_model: nn.Module = model
-    if distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    # Each rank draws its own augmentation/mixup/drop-path randomness.
-    _seed_everything(config.seed + 1000 * rank + 1)
-    if resume_rng is not None:
-        _set_rng_state(resume_rng)
-
-    metrics = _MetricsWriter(output, enabled=master, truncate_to=metrics_sizes, source=ckpt_path)
+    train_model: nn.Module = parts.model
+    if proc.distributed:
+        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(parts.model, device_ids=device_ids)
+    _seed_everything(config.seed + 1000 * proc.rank + 1)  # each rank draws its own augmentation randomness
+    if position.rng is not None:
+        _set_rng_state(position.rng)
+    metrics = _MetricsWriter(
+        output, enabled=proc.master, truncate_to=position.metrics_sizes, source=ckpt_path
+    )
     stack.callback(metrics.close)
     eval_loader = DataLoader(
         data.eval,
@@ -694,152 +499,101 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
         num_workers=config.num_workers,
         generator=torch.Generator().manual_seed(config.seed),
     )
-
-    def save_checkpoint(epoch: int, step_in_epoch: int, epoch_sums: tuple[float, int]) -> None:
-        # (epoch, step_in_epoch) is where the run continues: the batches before it were consumed.
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model_name": config.model,
-            "model_kwargs": model_kwargs,
-            "num_classes": data.num_classes,
-            "in_chans": data.in_chans,
-            "img_size": data.img_size,
-            "class_names": list(data.class_names),
-            "config": _plain_config(config),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "state_dict_ema": ema.module.state_dict() if ema is not None else None,
-            "rng": _rng_state(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "epoch_sums": list(epoch_sums),  # running train-loss sum and count of a mid-epoch checkpoint
-            "metrics_bytes": metrics.sizes(),
-            "history": history,
-        }
-        atomic_torch_save(state, ckpt_path)
-
     total_epochs = config.epochs + config.cooldown_epochs
-    stop = False
+    start_epoch, stop = position.epoch, False
     for epoch in range(start_epoch, total_epochs):
-        skip = start_step if epoch == start_epoch else 0
-        sampler = EpochSampler(
-            len(data.train), config.seed, epoch, rank, world_size, skip * config.batch_size
-        )  # type: ignore[arg-type]
-        # Own generator: creating the loader iterator must not draw from the global RNG we checkpoint.
-        loader = DataLoader(
-            data.train,
-            batch_size=config.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=config.num_workers,
-            generator=torch.Generator().manual_seed(config.seed + epoch),
-            persistent_workers=False,
-        )
-        train_model.train()
-        last_step = steps_per_epoch
-        if config.max_steps:  # the bar ends where --max-steps stops the run
-            last_step = min(steps_per_epoch, skip + max(config.max_steps - global_step, 0))
-        bar = tqdm(
-            total=last_step,
-            initial=skip,
-            desc=f"epoch {epoch + 1}/{total_epochs}",
-            disable=not (master and config.progress),
-            dynamic_ncols=True,
-        )
+        skip = position.step_in_epoch if epoch == start_epoch else 0
+        position.epoch, position.step_in_epoch = epoch, skip
+        if epoch != start_epoch:
+            position.epoch_sums = (0.0, 0)
         epoch_start = time.perf_counter()
-        loss_sum, seen = resume_sums if epoch == start_epoch else (0.0, 0)
-        for step_in_epoch, (images, targets) in enumerate(loader, start=skip):
-            step_start = time.perf_counter()
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
-            ):
-                logits = train_model(images)
-            loss = criterion(logits.float(), targets)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step_in_epoch}")
-
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            grad_norm = None
-            if config.clip_grad > 0:
-                grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad).item()
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            global_step += 1
-            if ema is not None:
-                ema.update(model, step=global_step)
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-            scheduler.step_update(num_updates=global_step)
-
-            loss_value = loss.item()
-            loss_sum += loss_value * len(images)
-            seen += len(images)
-            step_time = time.perf_counter() - step_start
-            img_per_s = global_batch / step_time if step_time > 0 else 0.0
-            record = dict(epoch=epoch, step=step_in_epoch, global_step=global_step, loss=loss_value, lr=lr)
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            metrics.step({**record, "time_s": step_time, "img_per_s": img_per_s})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
-            bar.update(1)  # by hand: a bar wrapping the loader misses the step a --max-steps break ends on
-
-            if config.max_steps and global_step >= config.max_steps:
-                stop = True
-            if config.ckpt_every_steps and global_step % config.ckpt_every_steps == 0 and not stop:
-                if step_in_epoch + 1 < steps_per_epoch and master:
-                    save_checkpoint(epoch, step_in_epoch + 1, (loss_sum, seen))
-            if stop:
-                break
-        bar.close()
-
+        stop = _run_epoch(
+            config, data, parts, proc, train_model, position, steps_per_epoch, metrics, ckpt_path
+        )
         # ---- end of epoch: evaluate, log, checkpoint (rank 0; the other ranks wait at the barrier)
         epoch_time = time.perf_counter() - epoch_start
-        if master:
-            show = config.progress  # rank 0 only, as here
-            result = evaluate(model, eval_loader, device, data.num_classes, amp_dtype, progress=show)
-            record = dict(
-                epoch=epoch,
-                global_step=global_step,
-                lr=optimizer.param_groups[0]["lr"],
-                train_loss=loss_sum / max(seen, 1),
-                eval_loss=result["loss"],
-                eval_top1=result["top1"],
-                eval_top5=result["top5"],
+        if proc.master:
+            record = _epoch_record(config, data, parts, proc, eval_loader, position, epoch_time)
+            position.history.append(
+                {k: v for k, v in record.items() if k not in ("epoch_time_s", "img_per_s")}
             )
-            if ema is not None:
-                ema_result = evaluate(
-                    ema.module, eval_loader, device, data.num_classes, amp_dtype, progress=show
-                )
-                record.update(ema_top1=ema_result["top1"], ema_top5=ema_result["top5"])
-            record.update(epoch_time_s=epoch_time, img_per_s=seen * world_size / max(epoch_time, 1e-9))
-            history.append({k: v for k, v in record.items() if k not in ("epoch_time_s", "img_per_s")})
             metrics.epoch(record)
             print(
                 f"epoch {epoch + 1}/{total_epochs}: train loss {record['train_loss']:.4f}, "
                 f"{data.eval_split} top-1 {record['eval_top1']:.2f}% top-5 {record['eval_top5']:.2f}%"
             )
-            save_checkpoint(epoch + 1, 0, (0.0, 0))
-        if distributed:
+            position.epoch, position.step_in_epoch, position.epoch_sums = epoch + 1, 0, (0.0, 0)
+            atomic_torch_save(_checkpoint_state(config, data, parts, position, metrics), ckpt_path)
+        if proc.distributed:
             dist.barrier()
         if stop:
             break
 
     metrics.close()
-    if distributed:
+    if proc.distributed:
         dist.destroy_process_group()
-    return TrainResult(
-        model=model, ema=ema.module if ema is not None else None, epochs=history, output=output
+    ema = parts.ema.module if parts.ema is not None else None
+    return TrainResult(model=parts.model, ema=ema, epochs=position.history, output=output)
+
+
+def _run_epoch(
+    config: TrainConfig, data: DataBundle, parts: _Parts, proc: _Process, train_model: nn.Module,
+    position: _Position, steps_per_epoch: int, metrics: _MetricsWriter, ckpt_path: Path,
+) -> bool:  # fmt: skip
+    """Train from ``position`` to the end of its epoch (or to ``max_steps``: then return True), logging each step
+    and writing a mid-epoch checkpoint every ``ckpt_every_steps``. ``position`` follows the steps."""
+    epoch, skip = position.epoch, position.step_in_epoch
+    assert data.train is not None
+    sampler = EpochSampler(
+        len(data.train), config.seed, epoch, proc.rank, proc.world_size, skip * config.batch_size
+    )  # type: ignore[arg-type]
+    # Own generator: creating the loader iterator must not draw from the global RNG we checkpoint.
+    loader = DataLoader(
+        data.train,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config.num_workers,
+        generator=torch.Generator().manual_seed(config.seed + epoch),
+        persistent_workers=False,
     )
+    train_model.train()
+    last_step = steps_per_epoch
+    if config.max_steps:  # the bar ends where --max-steps stops the run
+        last_step = min(steps_per_epoch, skip + max(config.max_steps - position.global_step, 0))
+    total_epochs = config.epochs + config.cooldown_epochs
+    bar = tqdm(
+        total=last_step,
+        initial=skip,
+        desc=f"epoch {epoch + 1}/{total_epochs}",
+        disable=not (proc.master and config.progress),
+        dynamic_ncols=True,
+    )
+    global_batch = config.batch_size * proc.world_size
+    stop = False
+    for step_in_epoch, (images, targets) in enumerate(loader, start=skip):
+        step_start = time.perf_counter()
+        global_step = position.global_step + 1
+        where = f"epoch {epoch}, step {step_in_epoch}"
+        loss_value, grad_norm, lr = _train_step(
+            parts, train_model, images, targets, config, proc, global_step, where
+        )
+        loss_sum, seen = position.epoch_sums
+        position.epoch_sums = (loss_sum + loss_value * len(images), seen + len(images))
+        position.global_step, position.step_in_epoch = global_step, step_in_epoch + 1
+        step_time = time.perf_counter() - step_start
+        img_per_s = global_batch / step_time if step_time > 0 else 0.0
+        record = dict(epoch=epoch, step=step_in_epoch, global_step=global_step, loss=loss_value, lr=lr)
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        metrics.step({**record, "time_s": step_time, "img_per_s": img_per_s})
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
+        bar.update(1)  # by hand: a bar wrapping the loader misses the step a --max-steps break ends on
+        stop = bool(config.max_steps) and global_step >= config.max_steps
+        if config.ckpt_every_steps and global_step % config.ckpt_every_steps == 0 and not stop:
+            if step_in_epoch + 1 < steps_per_epoch and proc.master:
+                atomic_torch_save(_checkpoint_state(config, data, parts, position, metrics), ckpt_path)
+        if stop:
+            break
+    bar.close()
+    return stop
