@@ -2,7 +2,7 @@
 
 import sys
 
-from agentattn.bench.attention import main
+from agentattn.cli.bench_attention import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,12 +28,12 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("lm", "cli.lm", "byte-level LM with causal agent attention: train, eval, sample, compare, bench"),
 ]
 BENCHMARKS: list[tuple[str, str, str]] = [
-    ("attention", "bench.attention", "agent attention vs the official code and softmax attention"),
-    ("model", "bench.model", "whole-model inference/training img/s, agent models vs timm counterparts"),
-    ("report", "bench.report", "regenerate BENCHMARKS.md from the measured JSON files"),
-    ("deploy", "bench.deploy", "CPU throughput: eager, torch.compile, onnxruntime fp32/int8"),
-    ("sd", "bench.sd", "SD v1.5 / SDXL UNet forward: unpatched vs AgentSD vs tomesd"),
-    ("gpu", "bench.gpu", "CUDA: check every path, time fused agent attention vs FlashAttention (bf16)"),
+    ("attention", "cli.bench_attention", "agent attention vs the official code and softmax attention"),
+    ("model", "cli.bench_model", "whole-model inference/training img/s, agent models vs timm counterparts"),
+    ("report", "cli.bench_report", "regenerate BENCHMARKS.md from the measured JSON files"),
+    ("deploy", "cli.bench_deploy", "CPU throughput: eager, torch.compile, onnxruntime fp32/int8"),
+    ("sd", "cli.bench_sd", "SD v1.5 / SDXL UNet forward: unpatched vs AgentSD vs tomesd"),
+    ("gpu", "cli.bench_gpu", "CUDA: check every path, time fused agent attention vs FlashAttention (bf16)"),
 ]
 DESCRIPTION = (
     "Agent Attention tools. `agentattn COMMAND --help` shows a command's options and their defaults."

@@ -196,7 +196,7 @@ def cli(entry: str, name: str, argv, match: str, raises=CliFailed, needs_data: b
         if entry == B:  # an option that passed validation must not start the (minutes-long) benchmark
             from unittest import mock
 
-            import agentattn.bench.attention as bench
+            import agentattn.cli.bench_attention as bench
 
             def refuse(*args, **kwargs):
                 raise AssertionError("the benchmark started: the bad option was not caught")

@@ -19,17 +19,13 @@ Timings (CUDA events through ``triton.testing.do_bench``, median; bf16; per (B, 
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_write_json
-from ..measure import command_line, environment
-from ..ops import agent_attention, linear_attention, naive, triton_agent
+from ..ops import agent_attention, linear_attention, naive
 from .attention import build_case
 
 BACKENDS = ("triton", "sdpa", "matmul")
@@ -193,7 +189,7 @@ def time_layers(batch: int, side: int, dim: int, heads: int, agents: int, device
     return rows
 
 
-def _ratios(rows: list[dict], baseline: str) -> None:
+def add_ratios(rows: list[dict], baseline: str) -> None:
     """Add ``ratio`` = baseline ms / case ms (how many times faster than the baseline) to every mode."""
     for r in rows:
         base = next(
@@ -227,62 +223,6 @@ def format_rows(rows: list[dict], baseline: str) -> str:
             f"{num(fb, key, '.2f')} | {num(f, 'peak_mb', '.0f')} | {num(fb, 'peak_mb', '.0f')} |"
         )
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 16384, 65536], help="N (op level)"
-    )
-    parser.add_argument(
-        "--layer-sides", type=int, nargs="*", default=[64, 128, 256], help="grid sides (layers)"
-    )
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--agents", type=int, default=49)
-    parser.add_argument("--skip-checks", action="store_true")
-    parser.add_argument("--json", type=str, default=None, help="write the results to this JSON file")
-    parser.add_argument("--section", type=str, default=None, help="write a `bench report` section JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
-    if not torch.cuda.is_available():
-        print("error: agentattn bench gpu needs a CUDA device; none is visible", file=sys.stderr)
-        return 2
-    if not triton_agent.available():
-        print("error: agentattn bench gpu needs Triton (it ships with CUDA builds of torch)", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
-    env = environment()
-    env["gpu"] = torch.cuda.get_device_name(device)
-    print(f"{env['gpu']}, torch {env['torch']}, triton {__import__('triton').__version__}")
-    env["triton"] = __import__("triton").__version__
-    checks = [] if args.skip_checks else check_paths(device)
-    for c in checks:
-        print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['rel_err']:.2e} (bound {c['bound']:.0e})")
-    rows: list[dict] = []
-    for tokens in args.tokens:
-        rows += time_ops(args.batch, tokens, args.heads, args.head_dim, args.agents, device)
-        torch.cuda.empty_cache()
-    for side in args.layer_sides:
-        rows += time_layers(args.batch, side, args.heads * args.head_dim, args.heads, args.agents, device)
-    _ratios([r for r in rows if r["level"] == "op"], "softmax-flash")
-    _ratios([r for r in rows if r["level"] == "layer"], "softmax-sdpa")
-    table_op = format_rows([r for r in rows if r["level"] == "op"], "softmax-flash")
-    table_layer = format_rows([r for r in rows if r["level"] == "layer"], "softmax-sdpa")
-    print(table_op)
-    print(table_layer)
-    command = command_line("bench", "gpu")
-    config = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "agents": args.agents,
-              "dtype": "bfloat16"}  # fmt: skip
-    result = {"kind": "gpu", "command": command, "environment": env, "config": config, "checks": checks,
-              "rows": rows}  # fmt: skip
-    if args.json:
-        atomic_write_json(args.json, result, make_parents=True)
-    if args.section:
-        atomic_write_json(args.section, section(result), make_parents=True)
-    failed = [c for c in checks if not c["ok"]]
-    return 1 if failed else 0
 
 
 # The speed goals of the fused kernels against FlashAttention (H200, bf16): {mode: {N: times faster}}.
@@ -331,13 +271,3 @@ def section(result: dict) -> dict:
     )
     return {"kind": "section", "title": "GPU: fused Triton agent attention vs FlashAttention", "command":
             result["command"], "environment": env, "markdown": markdown, "goals": goals}  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentattn bench gpu", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -95,24 +95,3 @@ class OfficialAgentAttention(nn.Module):
         else:
             x = x + self.dwc(v_).permute(0, 2, 3, 1).reshape(b, n, c)
         return self.proj(x)
-
-
-class SoftmaxAttention(nn.Module):
-    """Plain multi-head softmax attention with the same ``qkv``/``proj`` projections, through SDPA."""
-
-    def __init__(self, dim: int, num_heads: int, materialize: bool = False) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.materialize = materialize
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        if self.materialize:
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            out = attn.softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))

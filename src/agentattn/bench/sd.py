@@ -16,21 +16,17 @@ to a JSON file and a plot.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..io import atomic_open, atomic_write_text
+from ..io import atomic_open
 
 # diffusers UNet2DConditionModel configs of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0 (unet/config.json), the fields that differ from the defaults.
@@ -352,109 +348,6 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--models", nargs="+", choices=sorted(MODELS), default=["sd15", "sdxl"], help="UNets to build")
-    add("--latents", type=int, nargs="+", default=[64, 96, 128], help="latent sides (image side / 8)")
-    add(
-        "--sdxl-latents", type=int, nargs="+", default=None, help="latent sides for SDXL (default: --latents)"
-    )
-    add("--methods", nargs="+", choices=["unpatched", "agentsd", "tomesd"], default=None)
-    add("--ratio", type=float, default=0.5, help="AgentSD token merge ratio")
-    add("--agent-ratio", type=float, default=0.95)
-    add("--sx", type=int, default=4)
-    add("--sy", type=int, default=4)
-    add("--tome-ratio", type=float, default=None, help="tomesd ratio (default: --ratio)")
-    add("--batch", type=int, default=1)
-    add("--warmup", type=int, default=1, help="untimed forwards per case")
-    add("--repeats", type=int, default=1, help="timed forwards per case (median)")
-    add("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    add("--device", default="cpu")
-    add("--json", default="runs/bench_sd.json", help="results file")
-    add("--section", default=None, help="also write a `bench report` section JSON")
-    add("--plot", default="runs/bench_sd.png", help="plot file ('' for none)")
-
-
-def run(args: argparse.Namespace) -> int:
-    prog = "agentattn bench sd"
-    methods = args.methods or ["unpatched", "agentsd", "tomesd"]
-    if "unpatched" not in methods:
-        methods = ["unpatched", *methods]
-    methods = ["unpatched"] + [m for m in methods if m != "unpatched"]
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        print(f"{prog}: error: needs diffusers: pip install 'agentattn[diffusion]'", file=sys.stderr)
-        return 1
-    if "tomesd" in methods:
-        try:
-            import tomesd  # noqa: F401
-        except ImportError:
-            print(
-                f"{prog}: error: tomesd is not installed (pip install tomesd, or --methods unpatched agentsd)",
-                file=sys.stderr,
-            )
-            return 1
-    if any(s < 8 or s % 8 for s in args.latents + (args.sdxl_latents or [])):
-        print(
-            f"{prog}: error: latent sides must be positive multiples of 8, got {args.latents}",
-            file=sys.stderr,
-        )
-        return 1
-    from ..diffusion.patch import AgentSDConfig, check_config
-
-    try:  # fail before spending a minute building a UNet
-        check_config(AgentSDConfig(args.ratio, args.agent_ratio, args.sx, args.sy))
-        check_config(AgentSDConfig(args.ratio if args.tome_ratio is None else args.tome_ratio))
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    torch.set_num_threads(args.threads)
-    env = environment(args.device)
-    print(
-        f"torch {env['torch']}, diffusers {env['diffusers']}, {args.device}, {env['threads']} threads, fp32, "
-        f"batch {args.batch}, {args.warmup} warm-up + {args.repeats} timed forward(s)"
-    )
-    tome_ratio = args.ratio if args.tome_ratio is None else args.tome_ratio
-    opts = {
-        "ratio": args.ratio,
-        "agent_ratio": args.agent_ratio,
-        "sx": args.sx,
-        "sy": args.sy,
-        "tome_ratio": tome_ratio,
-    }
-    rows: list[Row] = []
-    try:
-        for name in args.models:
-            latents = args.sdxl_latents if name == "sdxl" and args.sdxl_latents else args.latents
-            rows += bench_model(
-                name, latents, methods, opts, args.batch, args.warmup, args.repeats, args.device
-            )
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "environment": env,
-            "args": vars(args) | {"handler": None},
-            "rows": [asdict(r) for r in rows],
-        }
-        atomic_write_text(args.json, json.dumps(payload, indent=1))
-        print(f"wrote {args.json}")
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        print(f"wrote {args.plot}" if plot(rows, args.plot) else "matplotlib not installed: no plot")
-    if args.section:
-        from ..measure import command_line
-        from .section import write_section
-
-        write_section(args.section, "Stable Diffusion: AgentSD vs ToMe (tomesd)", command_line("bench", "sd"), env,
-                      section_markdown(rows, args), sd_goals(rows))  # fmt: skip
-    return 0
-
-
 def sd_goals(rows: list[Row]) -> list[dict]:
     """The issue's speed goals for SD v1.5 at 128² latents, checked against one run."""
 
@@ -475,7 +368,9 @@ def sd_goals(rows: list[Row]) -> list[dict]:
     return goals
 
 
-def section_markdown(rows: list[Row], args: argparse.Namespace) -> str:
+def section_markdown(rows: list[Row], args: Any) -> str:
+    """The section's text: how the rows were measured (``args``: the run's settings, with the attributes batch,
+    threads, device, warmup, repeats, ratio, agent_ratio, sx and tome_ratio), then the table."""
     return (
         f"Full-size UNets from their published configs, random weights, batch {args.batch}, fp32, "
         f"{args.threads} threads on {args.device}; {args.warmup} warm-up and the median of {args.repeats} timed "

@@ -57,11 +57,13 @@ class SoftmaxAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        materialize: bool = False,
     ) -> None:
         super().__init__()
         _check_config(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
         self.dim, self.num_heads = dim, num_heads
         self.attn_drop = attn_drop
+        self.materialize = materialize  # the explicit (B, H, N, N) matrix instead of SDPA: a memory baseline
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -72,7 +74,12 @@ class SoftmaxAttention(nn.Module):
         batch, tokens, channels = x.shape
         head_dim = channels // self.num_heads
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout = self.attn_drop if self.training else 0.0
+        if self.materialize:
+            attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+            out = F.dropout(attn, dropout, self.training) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
 
 
