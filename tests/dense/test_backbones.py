@@ -171,7 +171,7 @@ def test_out_indices_and_official_grids():
         "agent_pvt_tiny_224", agent_grids="official", out_indices=(1, 3), **TINY["agent_pvt_tiny_224"]
     )
     assert bb.agent_grids == list(OFFICIAL_AGENT_GRIDS["pvt"])
-    assert bb.body.block1[0].attn.pool_grid == (12, 12)
+    assert bb.body.block1[0].attn.target_agent_grid == (12, 12)
     out = bb(torch.randn(1, 3, 64, 64))
     assert list(out) == ["0", "1"] and [f.shape[1] for f in out.values()] == [32, 64]
 

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from agentattn.layers import AgentAttention
 from agentattn.layers import agent_attention as layer_module
-from agentattn.models.agent_swin import SwinAgentAttention
 from agentattn.ops import agent_attention, naive
 from agentattn.ops.agent_packed import agent_attention_packed, packed_path_applies
 from tests.conftest import assert_close_rel
@@ -190,7 +189,7 @@ def _agent_layer(prefix):
 
 def _downstream_swin_layer(prefix):
     """Agent-Swin's layer pooling onto a downstream agent grid (more agents than it was built with)."""
-    return SwinAgentAttention(32, num_heads=2, agent_num=9, grid_size=(6, 6), target_agent_grid=(4, 5))
+    return AgentAttention(32, num_heads=2, agent_num=9, grid_size=(6, 6), target_agent_grid=(4, 5))
 
 
 @pytest.mark.parametrize(

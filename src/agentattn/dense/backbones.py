@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..layers.agent_attention import CSwinAgentAttention
-from ..layers.agent_bias import agent_biases, to_2tuple_grid
+from ..layers.agent_bias import to_2tuple_grid
 
 __all__ = [
     "OFFICIAL_AGENT_GRIDS",
@@ -68,34 +68,14 @@ def list_backbones() -> list[str]:
     return sorted(n for prefix in _FAMILY_PREFIX for n in timm.list_models(f"{prefix}*"))
 
 
-class _DownstreamAgentMixin:
-    """Pool the agents onto ``target_agent_grid`` and resample the biases' agent axis onto it (spec §2.5 ii)."""
-
-    target_agent_grid: tuple[int, int]
-
-    def pooled_agent_grid(self) -> tuple[int, int]:
-        return self.target_agent_grid
-
-    def biases(self, key_grid: tuple[int, int], query_grid: tuple[int, int]):
-        return agent_biases(
-            self, key_grid, query_grid, agent_grid=self.agent_grid, target_agent_grid=self.target_agent_grid
-        )
-
-
-class _DownstreamCSwinAgentAttention(_DownstreamAgentMixin, CSwinAgentAttention):
-    """:class:`CSwinAgentAttention` pooling onto a downstream agent grid (same parameters, same keys)."""
-
-
 def _retarget_cswin(model: nn.Module, grids: Sequence[tuple[int, int] | None]) -> None:
     """Give the CSwin agent branches of stage i the agent grid ``grids[i]`` (the model has no such argument)."""
     for i, grid in enumerate(grids):
         if grid is None:
             continue
         for module in getattr(model, f"stage{i + 1}").modules():
-            if type(module) is CSwinAgentAttention:
-                module.__class__ = _DownstreamCSwinAgentAttention
-                module.target_agent_grid = grid
-                module._bias_cache = None
+            if isinstance(module, CSwinAgentAttention):
+                module.set_target_agent_grid(grid)
 
 
 def _parse_agent_grids(agent_grids: Any, family: str, num_stages: int) -> list[tuple[int, int] | None] | None:

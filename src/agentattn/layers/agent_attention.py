@@ -27,6 +27,7 @@ from ..ops import agent_attention
 from ..ops.agent_packed import agent_attention_packed, packed_path_applies
 from ..ops.tracing import is_tracing
 from .agent_bias import agent_biases, agent_grid_for, init_agent_bias_parameters, to_2tuple_grid
+from .spatial_reduction import reduce_tokens
 
 
 def _check_positive_int(name: str, value: int) -> None:
@@ -97,6 +98,7 @@ class AgentAttentionBase(nn.Module):
         num_prefix_tokens: int = 0,
         attn_drop: float = 0.0,
         learned_agents: bool = False,
+        target_agent_grid: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         _check_positive_int("dim", dim)
@@ -119,6 +121,8 @@ class AgentAttentionBase(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_drop = attn_drop
         self.learned_agents = learned_agents
+        self.target_agent_grid: tuple[int, int] | None = None
+        self.set_target_agent_grid(target_agent_grid)
         init_agent_bias_parameters(
             self, num_heads, self.agent_num, self.key_grid_size, self.grid_size, num_prefix_tokens
         )
@@ -186,19 +190,36 @@ class AgentAttentionBase(nn.Module):
         parameter changes: in place (its version counter moves), or by replacement (``.to()``, loading).
         """
         if is_tracing() or (torch.is_grad_enabled() and self.an_bias.requires_grad):
-            return agent_biases(self, key_grid, query_grid)
+            return self._compute_biases(key_grid, query_grid)
         params = tuple(p for name, p in self.named_parameters(recurse=False) if name.endswith("_bias"))
         key = (key_grid, query_grid, torch.is_inference_mode_enabled(), tuple(p._version for p in params))
         cache = self._bias_cache
         # Parameters compare by identity: a replaced parameter never hits, even at a reused address.
         if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], params, strict=True)):
-            self._bias_cache = cache = (key, params, agent_biases(self, key_grid, query_grid))
+            self._bias_cache = cache = (key, params, self._compute_biases(key_grid, query_grid))
         return cache[2]
 
+    def _compute_biases(
+        self, key_grid: tuple[int, int], query_grid: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.target_agent_grid is None or self.learned_agents:
+            return agent_biases(self, key_grid, query_grid)
+        # the bias tables keep their trained agent grid; their agent axis is resampled onto the target
+        return agent_biases(
+            self, key_grid, query_grid, agent_grid=self.agent_grid, target_agent_grid=self.target_agent_grid
+        )
+
+    def set_target_agent_grid(self, grid: int | tuple[int, int] | None) -> None:
+        """Pool the agents onto ``grid`` from now on, as the official detection and segmentation backbones do
+        (spec §2.5; None: back to ``agent_grid``). The bias parameters keep their shapes, so checkpoints load
+        unchanged: their agent axis is resampled bilinearly onto ``grid`` when the biases are built."""
+        self.target_agent_grid = None if grid is None else to_2tuple_grid("target_agent_grid", grid)
+        self._bias_cache = None
+
     def pooled_agent_grid(self) -> tuple[int, int]:
-        """The (rows, cols) grid :meth:`make_agents` pools the queries onto: ``agent_grid``, or the downstream grid
-        of a detection/segmentation backbone, which overrides this together with :meth:`biases`."""
-        return self.agent_grid
+        """The (rows, cols) grid :meth:`make_agents` pools the queries onto: ``target_agent_grid`` when set (a
+        dense backbone's grid), else ``agent_grid``."""
+        return self.agent_grid if self.target_agent_grid is None else self.target_agent_grid
 
     def make_agents(self, q: torch.Tensor, query_grid: tuple[int, int]) -> torch.Tensor:
         """(B, P + Hq·Wq, C) queries → (B, n, C) agents: average-pooled spatial queries, or learned tokens."""
@@ -292,6 +313,9 @@ class AgentAttention(AgentAttentionBase):
         qkv_bias: bias in the ``qkv`` projection.
         attn_drop, proj_drop: dropout on the attention weights and on the output.
         learned_agents: use n learned agent tokens instead of pooled queries.
+        target_agent_grid: pool the agents onto this (rows, cols) grid instead, with the biases' agent axis
+            resampled onto it (the downstream backbones' larger grids, spec §2.5); see
+            :meth:`~AgentAttentionBase.set_target_agent_grid`.
 
     Shape:
         ``forward(x, grid_size=None)``: x (B, P + H·W, C) → (B, P + H·W, C).
@@ -308,10 +332,12 @@ class AgentAttention(AgentAttentionBase):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         learned_agents: bool = False,
+        target_agent_grid: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
-            dim, num_heads, agent_num, grid_size, None, num_prefix_tokens, attn_drop, learned_agents
-        )
+            dim, num_heads, agent_num, grid_size, None, num_prefix_tokens, attn_drop, learned_agents,
+            target_agent_grid,
+        )  # fmt: skip
         _check_rate("proj_drop", proj_drop)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -355,7 +381,8 @@ class PVTAgentAttention(AgentAttentionBase):
     """Agent attention for Agent-PVT: ``q`` and ``kv`` projections, optional spatial reduction of K/V.
 
     With ``sr_ratio > 1`` the keys and values come from a stride-``sr_ratio`` conv (``sr``) and a LayerNorm
-    (``norm``) of the token map, and V is upsampled bilinearly back to the query grid before the DWC.
+    (``norm``) of the token map (:func:`~agentattn.layers.spatial_reduction.reduce_tokens`: padded to a multiple
+    of ``sr_ratio``, so any grid works), and V is upsampled bilinearly back to the query grid before the DWC.
 
     Shape:
         ``forward(x, grid_size=None)``: x (B, H·W, C) → (B, H·W, C).
@@ -372,13 +399,15 @@ class PVTAgentAttention(AgentAttentionBase):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         learned_agents: bool = False,
+        target_agent_grid: int | tuple[int, int] | None = None,
     ) -> None:
         _check_positive_int("sr_ratio", sr_ratio)
         grid = to_2tuple_grid("grid_size", grid_size)
-        if grid[0] < sr_ratio or grid[1] < sr_ratio:
-            raise ValueError(f"grid_size {grid} must be at least sr_ratio = {sr_ratio} on each side")
-        key_grid = (grid[0] // sr_ratio, grid[1] // sr_ratio)
-        super().__init__(dim, num_heads, agent_num, grid, key_grid, 0, attn_drop, learned_agents)
+        # the bias tables' key grid, as the official code sizes it (floor); forward resamples them to the key grid
+        key_grid = (max(1, grid[0] // sr_ratio), max(1, grid[1] // sr_ratio))
+        super().__init__(
+            dim, num_heads, agent_num, grid, key_grid, 0, attn_drop, learned_agents, target_agent_grid
+        )
         _check_rate("proj_drop", proj_drop)
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -396,16 +425,10 @@ class PVTAgentAttention(AgentAttentionBase):
     def forward(self, x: torch.Tensor, grid_size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, H·W, C) → (B, H·W, C)."""
         grid = self._resolve_grid(x, "x", grid_size)
-        if grid[0] < self.sr_ratio or grid[1] < self.sr_ratio:
-            raise ValueError(f"grid_size {grid} must be at least sr_ratio = {self.sr_ratio} on each side")
         q = self.q(x)
-        if self.sr_ratio > 1:
-            x_map = x.transpose(1, 2).reshape(x.shape[0], self.dim, *grid)
-            reduced = self.sr(x_map)  # (B, C, H // sr, W // sr)
-            key_grid = (reduced.shape[2], reduced.shape[3])
-            x = self.norm(reduced.flatten(2).transpose(1, 2))
-        else:
-            key_grid = grid
+        x, key_grid = reduce_tokens(
+            x, grid, self.sr_ratio, getattr(self, "sr", None), getattr(self, "norm", None)
+        )
         k, v = self.kv(x).unflatten(-1, (2, self.dim)).unbind(-2)  # each (B, Hk·Wk, C)
         return self.proj_drop(self.proj(self.attend(q, k, v, grid, key_grid)))
 
@@ -428,8 +451,11 @@ class CSwinAgentAttention(AgentAttentionBase):
         grid_size: int | tuple[int, int] = (56, 56),
         attn_drop: float = 0.0,
         learned_agents: bool = False,
+        target_agent_grid: int | tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(dim, num_heads, agent_num, grid_size, None, 0, attn_drop, learned_agents)
+        super().__init__(
+            dim, num_heads, agent_num, grid_size, None, 0, attn_drop, learned_agents, target_agent_grid
+        )
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
 
     def local_term(self, v, key_grid, query_grid):

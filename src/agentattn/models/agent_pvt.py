@@ -41,7 +41,8 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 from ..layers import PVTAgentAttention
-from ..layers.agent_bias import agent_biases, agent_grid_for, to_2tuple_grid
+from ..layers.agent_bias import agent_grid_for, to_2tuple_grid
+from ..layers.spatial_reduction import reduce_tokens
 from ..ops import linear_attention
 from ._builder import (
     LinearHeadMixin,
@@ -101,19 +102,9 @@ class _SpatialReduction(nn.Module):
         self, x: torch.Tensor, grid: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """k, v (B, Hk·Wk, C) and the key grid (Hk, Wk)."""
-        if self.sr_ratio > 1:
-            x_map = _tokens_to_map(x, grid)
-            # Pad so that sr divides the grid: no token is dropped and grids smaller than sr still work. The
-            # official conv floors instead; both agree whenever sr divides the grid (every trained resolution).
-            sr = self.sr_ratio
-            pad_h, pad_w = (sr - grid[0] % sr) % sr, (sr - grid[1] % sr) % sr  # no negative mod: dynamo
-            if pad_h or pad_w:
-                x_map = F.pad(x_map, (0, pad_w, 0, pad_h))
-            reduced = self.sr(x_map)
-            key_grid = (reduced.shape[2], reduced.shape[3])
-            x = self.norm(reduced.flatten(2).transpose(1, 2))
-        else:
-            key_grid = grid
+        x, key_grid = reduce_tokens(
+            x, grid, self.sr_ratio, getattr(self, "sr", None), getattr(self, "norm", None)
+        )
         k, v = self.kv(x).unflatten(-1, (2, self.dim)).unbind(-2)
         return k, v, key_grid
 
@@ -189,28 +180,6 @@ class PVTLinearAttention(_SpatialReduction):
         return self.proj_drop(self.proj(out))
 
 
-class _DownstreamPVTAgentAttention(PVTAgentAttention):
-    """Agent attention pooling its agents on another grid than its bias tables (official downstream backbones).
-
-    The biases keep the classification shapes (so checkpoints load unchanged); their agent axis is resampled
-    bilinearly onto ``pool_grid`` every forward (spec §2.5 step ii).
-    """
-
-    def __init__(self, *args, pool_grid: tuple[int, int], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.pool_grid = pool_grid
-
-    def pooled_agent_grid(self) -> tuple[int, int]:
-        return self.pool_grid
-
-    def biases(
-        self, key_grid: tuple[int, int], query_grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return agent_biases(
-            self, key_grid, query_grid, agent_grid=self.agent_grid, target_agent_grid=self.pool_grid
-        )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Blocks and stages
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +204,7 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer=nn.LayerNorm,
-        pool_grid: tuple[int, int] | None = None,
+        target_agent_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -244,10 +213,9 @@ class Block(nn.Module):
                 num_heads=num_heads, agent_num=agent_num, grid_size=grid_size, sr_ratio=sr_ratio,
                 qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
             )  # fmt: skip
-            if pool_grid is None or pool_grid == agent_grid_for(agent_num):
-                self.attn = PVTAgentAttention(dim, **common)
-            else:
-                self.attn = _DownstreamPVTAgentAttention(dim, pool_grid=pool_grid, **common)
+            if target_agent_grid == agent_grid_for(agent_num):
+                target_agent_grid = None  # the trained grid: nothing to resample
+            self.attn = PVTAgentAttention(dim, target_agent_grid=target_agent_grid, **common)
         elif attn_type == "B":
             self.attn = PVTAttention(dim, num_heads, grid_size, sr_ratio, qkv_bias, attn_drop, proj_drop)
         elif attn_type == "L":
@@ -402,12 +370,12 @@ class AgentPVT(LinearHeadMixin, nn.Module):
                 f"got {attn_type!r}"
             )
         if downstream_agent_shape is not None:
-            pool_grids = [
+            target_agent_grids = [
                 to_2tuple_grid("downstream_agent_shape", g)
                 for g in _per_stage_seq("downstream_agent_shape", downstream_agent_shape, num_stages)
             ]
         else:
-            pool_grids = [None] * num_stages
+            target_agent_grids = [None] * num_stages
         check_global_pool(global_pool)
         if not isinstance(patch_size, int) or patch_size < 1:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
@@ -446,7 +414,7 @@ class AgentPVT(LinearHeadMixin, nn.Module):
             blocks = nn.ModuleList(
                 Block(
                     embed_dims[i], num_heads[i], grid, attn_type[i], agent_num[i], sr, mlp_ratios[i], qkv_bias,
-                    proj_drop_rate, attn_drop_rate, dpr[cur + j], norm_layer, pool_grids[i],
+                    proj_drop_rate, attn_drop_rate, dpr[cur + j], norm_layer, target_agent_grids[i],
                 )
                 for j in range(depths[i])
             )  # fmt: skip

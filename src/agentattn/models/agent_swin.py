@@ -41,7 +41,7 @@ from timm.models.swin_transformer import PatchMerging, WindowAttention, window_p
 from torch import nn
 
 from ..layers import AgentAttention, LinearAttention
-from ..layers.agent_bias import agent_biases, to_2tuple_grid
+from ..layers.agent_bias import to_2tuple_grid
 from ..ops.tracing import is_tracing
 from ._builder import (
     LinearHeadMixin,
@@ -138,34 +138,6 @@ def swin_shift_mask(
 # ---------------------------------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------------------------------
-class SwinAgentAttention(AgentAttention):
-    """:class:`AgentAttention` that can pool onto a downstream agent grid (spec §2.5).
-
-    With ``target_agent_grid`` set, the queries are pooled onto that grid and the agent axis of both biases is
-    resampled bilinearly from the trained grid, as the official detection/segmentation backbones do; the
-    parameters keep their classification shapes, so checkpoints load unchanged.
-
-    Shape:
-        ``forward(x, grid_size=None)``: x (B, H·W, C) → (B, H·W, C).
-    """
-
-    def __init__(self, *args: Any, target_agent_grid: tuple[int, int] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.target_agent_grid = None if target_agent_grid is None else tuple(target_agent_grid)
-
-    def pooled_agent_grid(self) -> tuple[int, int]:
-        return self.agent_grid if self.target_agent_grid is None else self.target_agent_grid
-
-    def biases(
-        self, key_grid: tuple[int, int], query_grid: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.target_agent_grid is None or self.learned_agents:
-            return super().biases(key_grid, query_grid)
-        return agent_biases(
-            self, key_grid, query_grid, agent_grid=self.agent_grid, target_agent_grid=self.target_agent_grid
-        )
-
-
 # An fx leaf (timm's notrace registry): its forward reads Python values from shapes.
 @register_notrace_module
 class AgentSwinBlock(nn.Module):
@@ -179,7 +151,8 @@ class AgentSwinBlock(nn.Module):
         window_size: window of a 'B' block before clamping.
         shift_size: shift of a 'B' block before clamping (0 or window // 2).
         agent_num: agents of an 'A' block.
-        downstream_agent_shape: optional agent grid to pool onto instead (see :class:`SwinAgentAttention`).
+        downstream_agent_shape: optional agent grid to pool onto instead (``target_agent_grid`` of
+            :class:`~agentattn.layers.AgentAttention`).
 
     Shape:
         ``forward(x)``: x (B, H, W, C) → (B, H, W, C), any H and W.
@@ -218,7 +191,7 @@ class AgentSwinBlock(nn.Module):
 
         self.norm1 = norm_layer(dim)
         if attn_kind == "A":
-            self.attn = SwinAgentAttention(
+            self.attn = AgentAttention(
                 dim,
                 num_heads=num_heads,
                 agent_num=agent_num,
