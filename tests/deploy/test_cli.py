@@ -103,7 +103,7 @@ def test_missing_checkpoint_and_checkpoint_of_another_model(fmnist_checkpoint, t
     ("name", "size", "message"),
     [
         ("agent_deit_tiny_patch16_224", "0", "img_size must be a positive int"),
-        ("agent_deit_tiny_patch16_224", "8", "--img-size 8 does not work for agent_deit_tiny_patch16_224"),
+        ("agent_deit_tiny_patch16_224", "8", "img_size 8 does not work for agent_deit_tiny_patch16_224"),
         ("agent_pvt_tiny_224", "-3", "img_size must be a positive int"),
     ],
 )

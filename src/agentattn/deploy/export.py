@@ -81,7 +81,7 @@ def _create(
                 name, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
             )
         except (ValueError, AssertionError) as err:
-            raise ValueError(f"--img-size {img_size} does not work for {name}: {one_line(err, 300)}") from err
+            raise ValueError(f"img_size {img_size} does not work for {name}: {one_line(err, 300)}") from err
         except TypeError as err:
             if "img_size" not in str(err):  # else a fully convolutional model (pvt_v2): any size runs
                 raise ValueError(f"model {name!r} rejects the model kwargs {kwargs}: {err}") from err
@@ -132,14 +132,14 @@ def load_model(
     if meta:
         if meta["model_name"] != name:
             raise ValueError(
-                f"--checkpoint {path} is a checkpoint of {quote(meta['model_name'])}, not {name!r}"
+                f"checkpoint {path} is a checkpoint of {quote(meta['model_name'])}, not {name!r}"
             )
         kwargs = {**meta["model_kwargs"], **kwargs}
         trained = (meta["num_classes"], meta["in_chans"])
         given = (num_classes or trained[0], in_chans or trained[1])
         if given != trained:
             raise ValueError(
-                f"--checkpoint {path} was trained for {trained[0]} classes / {trained[1]} channels, not {given}"
+                f"checkpoint {path} was trained for {trained[0]} classes / {trained[1]} channels, not {given}"
             )
         num_classes, in_chans = trained
         build_size = meta["img_size"]
@@ -154,7 +154,7 @@ def load_model(
         build_size = img_size
     args = (name, num_classes or 1000, in_chans or 3, build_size, kwargs)
     if meta:  # the file's fields may describe a model far larger than its weights
-        check_model_fits_weights(lambda: _create(*args), state, f"--checkpoint {path}")
+        check_model_fits_weights(lambda: _create(*args), state, f"checkpoint {path}")
     model = _create(*args)
     if path is not None and state is not None:
         try:
@@ -167,8 +167,8 @@ def load_model(
         except RuntimeError as err:
             detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
             raise ValueError(
-                f"--checkpoint {path} does not fit model {name!r} ({detail[:200]}); pass the matching "
-                "--model-kwargs / --num-classes / --in-chans"
+                f"checkpoint {path} does not fit model {name!r} ({detail[:200]}); pass the matching "
+                "model_kwargs / num_classes / in_chans"
             ) from err
     model.eval()
     cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
@@ -191,17 +191,17 @@ def example_input(spec: ModelSpec, batch: int = 2) -> torch.Tensor:
 
 
 def check_runs(model: nn.Module, spec: ModelSpec) -> None:
-    """One eager forward at the export size; ValueError naming ``--img-size`` when the model rejects it."""
+    """One eager forward at the export size; ValueError naming ``img_size`` when the model rejects it."""
     try:
         with torch.no_grad():
             out = model(example_input(spec, 1))
     except (ValueError, RuntimeError, AssertionError, IndexError) as err:
         raise ValueError(
-            f"--img-size {spec.img_size} does not work for {spec.name}: {one_line(err, 300)}"
+            f"img_size {spec.img_size} does not work for {spec.name}: {one_line(err, 300)}"
         ) from err
     if out.shape != (1, spec.num_classes):
         raise ValueError(
-            f"{spec.name} at --img-size {spec.img_size} returns shape {tuple(out.shape)}, not logits "
+            f"{spec.name} at img_size {spec.img_size} returns shape {tuple(out.shape)}, not logits "
             f"(1, {spec.num_classes}); export a classifier"
         )
 
