@@ -33,9 +33,9 @@ MAX_FUNCTION_LINES = 80
 # Units over the limits today, with their size: they may shrink, never grow. Each is explained in
 # docs/architecture.md ("Known debts"); a unit leaves this list when it is split.
 FILE_DEBTS = {
-    "models/agent_swin.py": 723,  # the four model families: one file each, as timm's
-    "models/agent_pvt.py": 692,
-    "models/agent_cswin.py": 645,
+    "models/agent_swin.py": 672,  # the four model families: one file each, as timm's
+    "models/agent_pvt.py": 635,
+    "models/agent_cswin.py": 620,
     "ops/triton_agent.py": 770,  # four Triton kernels and their custom-op wrappers, read together
     "train/loop.py": 599,
     "bench/attention.py": 594,
