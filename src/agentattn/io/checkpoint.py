@@ -4,6 +4,8 @@
   :mod:`agentattn.io.unpickle`: no pickled code runs, unknown classes come back as inert placeholders.
 - :func:`load_checkpoint` turns a checkpoint file (``torch.save`` or safetensors) into a state dict: it unwraps
   ``model`` / ``state_dict`` / EMA entries and strips wrapper prefixes (``module.``).
+- :func:`load_tagged_checkpoint` reads a checkpoint one of this package's commands wrote (``agentattn train``,
+  ``agentattn dense train``), checked by its format tag; the caller checks its fields.
 - :func:`atomic_torch_save` and :func:`save_safetensors` write through :mod:`agentattn.io.atomic`: a crash
   leaves the old file or the new one, never a partial one.
 """

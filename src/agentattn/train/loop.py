@@ -1,4 +1,5 @@
-"""The training loop: one readable function, :func:`train`, configured by :class:`TrainConfig`.
+"""The training loop: :func:`train`, configured by :class:`~agentattn.train.config.TrainConfig`, reads as its steps
+(process, data, parts, restore, then epochs of steps).
 
 What a step does: forward under optional autocast, (soft-target) cross-entropy, backward, grad clipping,
 AdamW step, EMA update, then the cosine-with-warmup learning rate for the next step (timm's
