@@ -1,5 +1,4 @@
-"""The training loop: :func:`train`, configured by :class:`~agentattn.train.config.TrainConfig`, reads as its steps
-(process, data, parts, restore, then epochs of steps).
+"""The training loop: :func:`train` (set-up, restore, then epochs of steps), configured by :class:`TrainConfig`.
 
 What a step does: forward under optional autocast, (soft-target) cross-entropy, backward, grad clipping,
 AdamW step, EMA update, then the cosine-with-warmup learning rate for the next step (timm's
