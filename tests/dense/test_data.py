@@ -13,7 +13,8 @@ from agentattn.dense.data import (
     build_dense_data,
     export_coco,
 )
-from agentattn.dense.engine import _coco_eval, evaluate_segmentation
+from agentattn.dense.engine import evaluate_segmentation
+from agentattn.dense.evaluation import _coco_eval
 
 
 def test_synthetic_is_deterministic_with_a_fixed_val_split():
@@ -103,7 +104,9 @@ def test_miou_macc_definitions():
 
 
 def test_bad_data_specs(tmp_path):
-    with pytest.raises(ValueError, match="synthetic, coco:PATH or ade20k:PATH"):
+    with pytest.raises(
+        ValueError, match="data must be 'synthetic', 'coco:PATH' or 'ade20k:PATH', got 'voc:/x'"
+    ):
         build_dense_data("voc:/x")
     with pytest.raises(ValueError, match="not a directory"):
         build_dense_data(f"coco:{tmp_path / 'nope'}")

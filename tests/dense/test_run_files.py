@@ -38,7 +38,9 @@ def test_earlier_results_are_refused_and_overwrite_replaces_them(dense_run, tmp_
     assert main(["dense", "train", *TINY_ARGS, "--output", str(out)]) == 1
     err = _one_line(capsys)
     assert (
-        f"{out} already holds results of an earlier run" in err and "--output" in err and "--overwrite" in err
+        f"{out} already holds results of an earlier run" in err
+        and "another output directory" in err
+        and "set overwrite" in err
     )
     assert (out / "metrics.jsonl").read_bytes() == before
     assert main(["dense", "train", *TINY_ARGS, "--max-steps", "1", "--output", str(out), "--overwrite"]) == 0
@@ -81,7 +83,7 @@ BAD_FIELDS = [
      r"field config\.backbone_kwargs\.checkpoint_path is not an architecture argument"),
     ("detector_kwargs naming a URL", lambda c: c["config"].update(detector_kwargs={"weights_url": "http://x"}),
      r"field config\.detector_kwargs\.weights_url is not an architecture argument"),
-    ("task unknown", lambda c: c["config"].update(task="cls"), r"field config: --task must be 'det' or 'seg'"),
+    ("task unknown", lambda c: c["config"].update(task="cls"), r"field config: task must be 'det' or 'seg'"),
     ("num_classes missing", lambda c: c.pop("num_classes"), r"field num_classes is missing"),
     ("num_classes a string", lambda c: c.update(num_classes="5"), r"field num_classes must be an int in \[1, "),
     ("num_classes huge", lambda c: c.update(num_classes=10**12), r"field num_classes must be an int in \[1, "),

@@ -516,7 +516,7 @@ def _lm_cases() -> list[Crafted]:
                     n_layers=1,
                     n_heads=2,
                     max_seq_len=32,
-                    num_agents=4,
+                    agent_num=4,
                     chunk_size=8,
                 )
             )

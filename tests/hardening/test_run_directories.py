@@ -157,7 +157,9 @@ def test_results_without_a_checkpoint_are_refused_and_overwrite_replaces_them(tm
     (out / "notes.txt").write_text("mine")
     for extra in ([], ["--resume"]):  # --resume has no checkpoint to continue: it would truncate them too
         err = _fails([*TRAIN, "--output", out, "--max-steps", "1", *extra]).stderr
-        assert str(out) in err and all(way in err for way in ("--resume", "another --output", "--overwrite"))
+        assert str(out) in err and all(
+            way in err for way in ("resume", "another output directory", "set overwrite")
+        )
         assert (out / "metrics.jsonl").read_text() == old
     run_cli([*TRAIN, "--output", out, "--max-steps", "1", "--overwrite"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -167,7 +169,7 @@ def test_results_without_a_checkpoint_are_refused_and_overwrite_replaces_them(tm
     # Now there is a checkpoint: a new run without --resume is refused too, naming the three ways on.
     err = _fails([*TRAIN, "--output", out, "--max-steps", "1"]).stderr
     assert str(out / "last.pth") in err and all(
-        w in err for w in ("--resume", "another --output", "--overwrite")
+        w in err for w in ("set resume", "another output directory", "set overwrite")
     )
 
 

@@ -15,7 +15,7 @@ TINY_MODEL = [
     "1",
     "--n-heads",
     "2",
-    "--num-agents",
+    "--agent-num",
     "4",
     "--chunk-size",
     "8",
@@ -121,6 +121,18 @@ def test_compare_over_seeds_conv_and_contexts(textfile, tmp_path, capsys):
     assert "Bits per byte" in json.loads(section.read_text())["markdown"]
 
 
+def test_compare_of_the_agent_with_rotary_window_logits(textfile, tmp_path, capsys):
+    out, section = tmp_path / "win", tmp_path / "win.json"
+    rc = main(["lm", "compare", "--data", f"textfile:{textfile}", *TINY_MODEL, *TINY_TRAIN, "--speed-contexts",
+               "--attn", "agent", "--window-positions", "rope", "--seeds", "0", "--conv-kernels", "4",
+               "--context-multiples", "1", "--out", str(out), "--section", str(section)])  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model_config"]["window_positions"] == "rope" and results["model_config"]["agent_num"] == 4
+    assert "rotary in the window" in (out / "report.md").read_text()
+    assert json.loads(section.read_text())["title"].endswith("agent with rotary logits in its exact window")
+
+
 def test_merge_of_single_seed_runs_equals_one_multi_seed_run(textfile, tmp_path, capsys):
     """Seeds run one after another (or on several machines) and merged give the table of one --seeds run; files
     that are not comparisons of the same study are refused with one line."""
@@ -176,7 +188,7 @@ def test_merge_of_single_seed_runs_equals_one_multi_seed_run(textfile, tmp_path,
 def test_bench_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     rc = main(["lm", "bench", "--layer-contexts", "16", "64", "--decode-contexts", "8", "40", "--d-model", "32",
-               "--n-heads", "2", "--n-layers", "1", "--chunk-size", "8", "--num-agents", "4", "--budget-s", "0.01",
+               "--n-heads", "2", "--n-layers", "1", "--chunk-size", "8", "--agent-num", "4", "--budget-s", "0.01",
                "--json", str(path)])  # fmt: skip
     assert rc == 0
     result = json.loads(path.read_text())
@@ -216,8 +228,11 @@ def test_train_refuses_earlier_results_and_overwrite_replaces_them(textfile, tmp
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("agentattn lm: error: ") and err.count("\n") == 1
-    assert f"{out} already holds results of an earlier run (metrics.jsonl)" in err and "--out" in err
-    assert "--overwrite" in err and (out / "metrics.jsonl").read_text() == '{"step": 1}\n' * 50
+    assert (
+        f"{out} already holds results of an earlier run (metrics.jsonl)" in err
+        and "choose another output directory" in err
+    )
+    assert "set overwrite" in err and (out / "metrics.jsonl").read_text() == '{"step": 1}\n' * 50
     assert main([*argv, "--overwrite"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -248,4 +263,6 @@ def test_compare_refuses_earlier_results(textfile, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1
     assert f"{out} already holds results of an earlier run (softmax/model.safetensors)" in err
-    assert "--overwrite" in err and (out / "softmax" / "model.safetensors").read_bytes() == b"earlier weights"
+    assert (
+        "set overwrite" in err and (out / "softmax" / "model.safetensors").read_bytes() == b"earlier weights"
+    )

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from agentattn.lm import ATTN_TYPES, AgentLM, AgentLMConfig
 from agentattn.lm.hf import AgentLMForCausalLM, AgentLMHFConfig
 
-TINY = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=24, num_agents=4, chunk_size=8)
+TINY = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=24, agent_num=4, chunk_size=8)
 
 
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
@@ -41,6 +41,20 @@ def test_forward_loss_and_config():
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert out.logits.shape == (2, 16, 256) and torch.allclose(out.loss, expected)
     assert torch.equal(out.logits, model.model(ids))
+
+
+def test_config_json_with_the_old_agent_count_name_loads(tmp_path):
+    import json
+
+    AgentLMHFConfig(attn_type="agent", **TINY).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    values = json.loads(path.read_text())
+    values["num_agents"] = values.pop("agent_num")
+    del values["window_positions"]  # written before the option existed
+    path.write_text(json.dumps(values))
+    loaded = AgentLMHFConfig.from_pretrained(tmp_path)
+    assert loaded.agent_num == TINY["agent_num"] and not hasattr(loaded, "num_agents")
+    assert loaded.window_positions == "none" and AgentLMHFConfig(attn_type="agent").window_positions == "rope"
 
 
 def test_refusals():

@@ -10,7 +10,7 @@ from tests.conftest import assert_close_rel
 
 
 def _tiny(attn_type: str, **kw) -> AgentLM:
-    cfg = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, num_agents=4, chunk_size=8)
+    cfg = dict(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, agent_num=4, chunk_size=8)
     cfg.update(kw)
     torch.manual_seed(0)
     model = AgentLM(AgentLMConfig(attn_type=attn_type, **cfg)).eval()
@@ -57,7 +57,9 @@ def test_twins_have_equal_params_and_shared_init():
 @pytest.mark.parametrize("attn_type", ATTN_TYPES)
 @pytest.mark.parametrize("prompt_len", [1, 19])
 @pytest.mark.parametrize(
-    "extra", [{}, {"conv_kernel": 0}, {"positions": "none"}], ids=["default", "no-conv", "nope"]
+    "extra",
+    [{}, {"conv_kernel": 0}, {"positions": "none"}, {"window_positions": "none"}],
+    ids=["default", "no-conv", "nope", "window-none"],
 )
 def test_decode_matches_parallel_forward(attn_type, prompt_len, extra):
     model = _tiny(attn_type, **extra)
@@ -142,6 +144,34 @@ def test_save_load_roundtrip(attn_type, tmp_path):
         assert torch.equal(model(idx), loaded(idx))
 
 
+def test_agent_num_keeps_its_old_name(tmp_path):
+    """agent_num is the vision name; num_agents (the LM's old name) still works where users could rely on it."""
+    assert AgentLMConfig("agent", num_agents=8).agent_num == 8
+    assert AgentLMConfig("agent", agent_num=8).num_agents == 8  # reads the field
+    assert AgentLMConfig.from_dict({"attn_type": "agent", "num_agents": 4}).agent_num == 4
+    with pytest.raises(ValueError, match="agent_num \\(4\\) and its old name num_agents \\(8\\) differ"):
+        AgentLMConfig("agent", agent_num=4, num_agents=8)
+    # a file saved before the rename and before window_positions: num_agents, and no window_positions
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    model = _tiny("agent", agent_num=3, window_positions="none")
+    model.save(tmp_path / "new.safetensors")
+    with safe_open(tmp_path / "new.safetensors", "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    config["num_agents"] = config.pop("agent_num")
+    del config["window_positions"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(tmp_path / "new.safetensors"), old, metadata={**meta, "config": json.dumps(config)})
+    loaded = AgentLM.load(old).eval()
+    assert loaded.config == model.config  # window_positions "none": the model it was trained as
+    idx = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
 def test_load_rejects_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
@@ -197,6 +227,19 @@ def test_positions_and_conv_options():
         AgentLMConfig(attn_type="softmax", positions="alibi")
     with pytest.raises(ValueError, match="even head dim"):
         AgentLMConfig(attn_type="softmax", d_model=12, n_heads=4)
+    with pytest.raises(ValueError, match="window_positions must be one of"):
+        AgentLMConfig(attn_type="agent", window_positions="alibi")
+    with pytest.raises(ValueError, match="even head dim"):
+        AgentLMConfig(attn_type="agent", d_model=12, n_heads=4, window_positions="rope")
+
+
+def test_agent_window_positions_change_only_the_window_logits():
+    plain, rope = _tiny("agent", window_positions="none"), _tiny("agent")
+    assert rope.config.window_positions == "rope"  # the default since the ablation (see the README)
+    assert plain.state_dict().keys() == rope.state_dict().keys()  # no new parameters
+    idx = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        assert not torch.allclose(plain(idx), rope(idx))
 
 
 def test_twins_with_and_without_the_conv_share_their_other_weights():

@@ -54,7 +54,7 @@ def test_command_sweeps_mixers_and_agent_settings(tmp_path):
     assert main(args) == 0
     rows = json.loads((tmp_path / "mqar.json").read_text())
     assert len(rows) == 2 * 2 + 2  # agent: two (n, C) settings × two widths; softmax: two widths
-    assert {(r["model"].get("num_agents"), r["model"].get("chunk_size")) for r in rows if r["attn_type"] == "agent"} == {
+    assert {(r["model"].get("agent_num"), r["model"].get("chunk_size")) for r in rows if r["attn_type"] == "agent"} == {
         (4, 8), (2, 16)}  # fmt: skip
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert main([*args[:-2], "--agents", "4y8", "--output", str(tmp_path)]) == 1
@@ -67,7 +67,7 @@ def test_loss_on_the_queries_equals_the_full_logits_loss():
 
     torch.manual_seed(0)
     model = AgentLM(AgentLMConfig(attn_type="agent", vocab_size=64, d_model=32, n_layers=1, n_heads=2,
-                                  max_seq_len=32, num_agents=4, chunk_size=8))  # fmt: skip
+                                  max_seq_len=32, agent_num=4, chunk_size=8))  # fmt: skip
     inputs, labels = mqar_batch(4, 32, 4, 64, torch.Generator().manual_seed(1))
     full = torch.nn.functional.cross_entropy(
         model(inputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE

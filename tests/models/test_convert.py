@@ -85,6 +85,11 @@ def test_swin_blocks_attend_globally():
     flat = [blk for stage in model.layers for blk in stage.blocks]
     before = [_qkv_proj(blk.attn) for blk in flat]
     convert_to_agent(model, agent_num=[4, 4, 4, 1], blocks=[0, 1, 2])
+    converted = [blk for stage in model.layers for blk in stage.blocks]
+    # new block modules that hold the old ones' norms and MLP (no __class__ swap), with the same parameter names
+    assert all(converted[k].mlp is flat[k].mlp and converted[k].norm1 is flat[k].norm1 for k in range(3))
+    assert converted[3] is flat[3]
+    flat = converted
     for k, blk in enumerate(flat[:3]):
         assert isinstance(blk, GlobalAgentSwinBlock) and isinstance(blk.attn, AgentAttention)
         res = tuple(blk.input_resolution)

@@ -90,6 +90,63 @@ def test_prefill_then_steps_matches_naive(prefix):
     assert_close_rel(out, ref[:, :, prefix:], 1e-5, f"decode after a {prefix}-token prefill")
 
 
+def _rotary(x: torch.Tensor) -> torch.Tensor:
+    from agentattn.lm.model import rotate
+
+    return rotate(x, 0, 100.0)
+
+
+@pytest.mark.parametrize("T", [3, 9, 37])
+def test_window_keys_in_all_three_forms(T):
+    """Separate exact-window q/k (rotary ones here): chunked, prefill + steps and naive agree, grads included."""
+    q, k, v, agents, decay, bias = _inputs(T=T)
+    wq, wk = _rotary(q), _rotary(k)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, agents, wq, wk)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    r = ref_leaves
+    ref = naive.causal_agent_attention(*r[:4], decay, bias, chunk_size=4, window_q=r[4], window_k=r[5])
+    out = causal_agent_attention(
+        *leaves[:4], decay, bias, chunk_size=4, window_q=leaves[4], window_k=leaves[5]
+    )
+    assert_close_rel(out, ref, 1e-5, "chunked with window keys")
+    w = torch.randn_like(ref)
+    (ref * w).sum().backward()
+    (out * w.float()).sum().backward()
+    for name, a, b in zip(["q", "k", "v", "agents", "window_q", "window_k"], leaves, ref_leaves, strict=True):
+        grad = torch.zeros_like(a) if a.grad is None else a.grad
+        assert_close_rel(grad, b.grad, 1e-5, f"grad {name}", floor=1.0)
+    plain = naive.causal_agent_attention(q, k, v, agents, decay, bias, chunk_size=4)
+    assert not torch.allclose(plain, ref.float(), atol=1e-3), "the window keys were ignored"
+    for prefix in (0, 5, min(T, 13)):
+        state = causal_agent_prefill(
+            k[:, :, :prefix], v[:, :, :prefix], agents, decay, chunk_size=4, window_k=wk[:, :, :prefix]
+        )
+        outs = [
+            causal_agent_step(
+                *(x[:, :, t : t + 1] for x in (q, k, v)), agents, state, decay, bias,
+                window_q=wq[:, :, t : t + 1], window_k=wk[:, :, t : t + 1],
+            )
+            for t in range(prefix, T)
+        ]  # fmt: skip
+        if outs:
+            assert_close_rel(torch.cat(outs, 2), ref[:, :, prefix:], 1e-5, f"steps after {prefix}")
+
+
+def test_window_keys_must_match_the_state():
+    q, k, v, agents, _, _ = _inputs(T=6)
+    one = [x[:, :, :1] for x in (q, k, v)]
+    with pytest.raises(ValueError, match="window_q and window_k must be given together"):
+        causal_agent_attention(q, k, v, agents, window_q=q)
+    with pytest.raises(ValueError, match="window_k must match q/k"):
+        causal_agent_attention(q, k, v, agents, window_q=q, window_k=k[:, :, :-1])
+    plain = causal_agent_init_state(2, H, N_AGENTS, D, D, 4)
+    with pytest.raises(ValueError, match="made without separate window keys"):
+        causal_agent_step(*one, agents, plain, window_q=one[0], window_k=one[1])
+    separate = causal_agent_init_state(2, H, N_AGENTS, D, D, 4, separate_window_keys=True)
+    with pytest.raises(ValueError, match="made with separate window keys"):
+        causal_agent_step(*one, agents, separate)
+
+
 @pytest.mark.parametrize("t", [0, 11, 30])
 def test_causality_bit_identical(t):
     """Perturbing positions > t leaves outputs <= t bit-identical (chunked and recurrent)."""

@@ -78,7 +78,9 @@ def test_compare_refuses_to_overwrite_a_report(tiny_compare, capsys):
     assert err.startswith(
         f"agentattn compare: error: {out} already holds results of an earlier run (report.md, report.html, "
     )
-    assert err.endswith("choose another --output, or pass --overwrite to replace them") and "\n" not in err
+    assert (
+        err.endswith("choose another output directory, or set overwrite to replace them") and "\n" not in err
+    )
 
 
 def test_compare_overwrite_removes_its_own_files_only(tmp_path):
@@ -93,7 +95,7 @@ def test_compare_overwrite_removes_its_own_files_only(tmp_path):
     target.write_text("precious")
     (out / "accuracy.png").symlink_to(target)
     with lock_run_directory(out):
-        with pytest.raises(ValueError, match=r"already holds results .*--overwrite"):
+        with pytest.raises(ValueError, match=r"already holds results .*set overwrite"):
             prepare_output(out, COMPARE_FILES, overwrite=False)
         assert all((out / name).exists() for name in own)
         assert sorted(prepare_output(out, COMPARE_FILES, overwrite=True)) == sorted(own)
@@ -114,10 +116,10 @@ def test_compare_refuses_a_twin_directory_in_use(tmp_path):
 
 def test_compare_rejects_bad_options(tmp_path, capsys):
     assert compare_cli.main(["--output", str(tmp_path / "o"), "--epochs", "0"]) == 1
-    assert "--epochs must be at least 1, got 0" in capsys.readouterr().err
+    assert "epochs must be at least 1, got 0" in capsys.readouterr().err
     assert compare_cli.main(["--output", str(tmp_path / "o"), "--model-kwargs", "attn_type='AAAA'"]) == 1
     assert "must not set attn_type" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--twins must name some of"):
+    with pytest.raises(ValueError, match="twins must name some of"):
         CompareConfig(twins=("agent", "cosine"))
 
 

@@ -93,14 +93,16 @@ def test_checkpoint_from_another_architecture(trained, tmp_path, capsys):
     save_file(torch.load(ckpt, weights_only=True)["model"], str(weights))
     assert eval_cli.main(["--checkpoint", str(weights), "--model", TINY_MODEL, "--subset", "32"]) == 1
     err = _one_error_line(capsys, "eval")
-    assert str(weights) in err and "another architecture" in err and "--model" in err
+    assert str(weights) in err and "another architecture" in err and "model_name" in err
 
 
 @needs_fashion_mnist
 def test_existing_run_needs_resume(trained, capsys):
     assert train_cli.main([*TINY_CLI, "--train-subset", "64", "--output", str(trained)]) == 1
     err = _one_error_line(capsys, "train")
-    assert "last.pth exists: pass --resume" in err and "another --output" in err and "--overwrite" in err
+    assert (
+        "last.pth exists: set resume" in err and "another output directory" in err and "set overwrite" in err
+    )
 
 
 def test_no_traceback_from_the_command_line(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import Any
 
 import torch
 
@@ -74,17 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _batch_override(args: argparse.Namespace) -> dict[int, int] | None:
+    """The ``--batch`` pairs as {N: B}; None, after printing why, when an option is bad."""
     try:
         batch_override = {int(k): int(v) for k, v in (item.split("=") for item in args.batch)}
     except ValueError:
         print(f"error: --batch takes N=B pairs, got {args.batch}", file=sys.stderr)
-        return 2
+        return None
     for n in args.tokens:
         side = math.isqrt(max(n - 1, 0))
         if n < 2 or side * side != n - 1:
             print(f"error: --tokens must be 1 + a square (cls + patch grid), got {n}", file=sys.stderr)
-            return 2
+            return None
     for flag, value, ok, want in (
         ("--threads", args.threads, args.threads >= 1, "at least 1"),
         ("--dim", args.dim, args.dim >= 1 and args.heads >= 1 and args.dim % args.heads == 0,
@@ -94,7 +96,69 @@ def run(args: argparse.Namespace) -> int:
     ):  # fmt: skip
         if not ok:
             print(f"error: {flag} must be {want}, got {value}", file=sys.stderr)
-            return 2
+            return None
+    return batch_override
+
+
+def _bench_op(args: argparse.Namespace) -> tuple[list[dict] | None, dict | None]:
+    """Time the agent op against the fp32 matmul peak and print both; (None, None) with ``--skip-op``."""
+    if args.skip_op:
+        return None, None
+    peak = matmul_peak(args.peak_size)
+    op = bench_op_efficiency(
+        args.tokens,
+        args.heads,
+        args.dim // args.heads,
+        args.agents,
+        args.budget,
+        peak_size=args.peak_size,
+    )
+    print(f"\nfp32 matmul peak ({peak['size']}³, best of 5): {peak['gflops_per_s']:.1f} GFLOP/s")
+    for r in op:
+        print(
+            f"op N={r['tokens']} B={r['batch']}: {r['ms']:.2f} ms, {r['gflops_per_s']:.1f} GFLOP/s = "
+            f"{100 * r['fraction_of_peak']:.0f}% of the matmul timed next to it "
+            f"(median {r['peak_gflops_per_s']:.1f} GFLOP/s; {100 * r['gflops_per_s'] / peak['gflops_per_s']:.0f}% "
+            "of the best of 5)"
+        )
+    return op, peak
+
+
+def _result(
+    args: argparse.Namespace,
+    env: dict[str, Any],
+    label: str,
+    rows: list[dict],
+    op: list[dict] | None,
+    peak: dict | None,
+) -> dict[str, Any]:
+    """The results JSON: command, environment, settings, layer rows, op efficiency and crossovers."""
+    return {
+        "kind": "attention",
+        "command": command_line("bench", "attention"),
+        "environment": env,
+        "config": {
+            "dim": args.dim,
+            "heads": args.heads,
+            "agents": args.agents,
+            "threads": args.threads,
+            "budget_s": args.budget,
+            "rounds": args.rounds,
+            "label": label,
+            "memory": args.memory,
+        },
+        "layers": rows,
+        "op": op,
+        "matmul_peak": peak,
+        "crossover": {mode: crossover(rows, mode) for mode in MODES},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep (and the op efficiency), print them and write the requested files; 2 on a bad option."""
+    batch_override = _batch_override(args)
+    if batch_override is None:
+        return 2
     torch.set_num_threads(args.threads)
     cases = list(args.cases) + ([COMPILED] if args.compile and COMPILED not in args.cases else [])
     env = environment(args.threads)
@@ -116,44 +180,8 @@ def run(args: argparse.Namespace) -> int:
         args.memory == "subprocess",
     )
     print(format_table(rows))
-    op, peak = None, None
-    if not args.skip_op:
-        peak = matmul_peak(args.peak_size)
-        op = bench_op_efficiency(
-            args.tokens,
-            args.heads,
-            args.dim // args.heads,
-            args.agents,
-            args.budget,
-            peak_size=args.peak_size,
-        )
-        print(f"\nfp32 matmul peak ({peak['size']}³, best of 5): {peak['gflops_per_s']:.1f} GFLOP/s")
-        for r in op:
-            print(
-                f"op N={r['tokens']} B={r['batch']}: {r['ms']:.2f} ms, {r['gflops_per_s']:.1f} GFLOP/s = "
-                f"{100 * r['fraction_of_peak']:.0f}% of the matmul timed next to it "
-                f"(median {r['peak_gflops_per_s']:.1f} GFLOP/s; {100 * r['gflops_per_s'] / peak['gflops_per_s']:.0f}% "
-                "of the best of 5)"
-            )
-    result = {
-        "kind": "attention",
-        "command": command_line("bench", "attention"),
-        "environment": env,
-        "config": {
-            "dim": args.dim,
-            "heads": args.heads,
-            "agents": args.agents,
-            "threads": args.threads,
-            "budget_s": args.budget,
-            "rounds": args.rounds,
-            "label": label,
-            "memory": args.memory,
-        },
-        "layers": rows,
-        "op": op,
-        "matmul_peak": peak,
-        "crossover": {mode: crossover(rows, mode) for mode in MODES},
-    }
+    op, peak = _bench_op(args)
+    result = _result(args, env, label, rows, op, peak)
     if args.json:
         atomic_write_json(args.json, result, make_parents=True)
     if args.plot:

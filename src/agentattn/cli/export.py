@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from ..deploy.export import (
     DEFAULT_OPSET,
+    ModelSpec,
     check_runs,
     example_input,
     export_onnx,
@@ -121,90 +122,117 @@ def _evaluate(models: dict[str, nn.Module], args: argparse.Namespace, spec) -> d
     return {"data": data_spec, "split": data.eval_split, "results": results}
 
 
+def _load(args: argparse.Namespace, out: Path) -> tuple[nn.Module, ModelSpec]:
+    """Check the options, then build the model with its weights and check it runs at the export size."""
+    _check_options(args)
+    expected = SUFFIXES[args.format]
+    if out.suffix != expected:
+        print(
+            f"agentattn export: warning: {out} does not end in {expected}; writing {args.format} there anyway",
+            file=sys.stderr,
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, spec = load_model(
+        args.name,
+        args.checkpoint,
+        img_size=args.img_size,
+        model_kwargs=parse_model_kwargs(args.model_kwargs),
+        num_classes=args.num_classes,
+        in_chans=args.in_chans,
+        use_ema=args.ema,
+    )
+    check_runs(model, spec)
+    return model, spec
+
+
+def _export(
+    args: argparse.Namespace, model: nn.Module, spec: ModelSpec, out: Path, tmp_fp32: Path | None
+) -> float:
+    """Write OUT (through the fp32 ONNX file ``tmp_fp32`` when quantising to int8); return the seconds taken."""
+    target = to_bf16(model) if args.quantize == "bf16" else model
+    example = example_input(spec, 2 if args.dynamic_batch else args.batch_size)
+    start = time.perf_counter()
+    try:
+        program = export_program(target, example, dynamic_batch=args.dynamic_batch)
+        if args.format == "torch-export":
+            export_torch(program, out)
+        elif tmp_fp32 is not None:
+            export_onnx(program, tmp_fp32, args.opset)
+            quantize_onnx_int8(tmp_fp32, out)
+        else:
+            export_onnx(program, out, args.opset)
+    except (ValueError, OSError, ImportError):
+        raise
+    except Exception as err:  # exporter failures come as many types; report them in one line
+        raise ValueError(
+            f"exporting {args.name} failed ({type(err).__name__}: {one_line(err, 400)})"
+        ) from err
+    return time.perf_counter() - start
+
+
+def _written(args: argparse.Namespace, spec: ModelSpec, out: Path, elapsed: float) -> dict[str, Any]:
+    """Print what was written from which model; return the report's fields for it."""
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.quantize}) in {elapsed:.1f} s"
+    )
+    print(
+        f"model {spec.name}, {spec.in_chans}×{spec.img_size}×{spec.img_size} → {spec.num_classes} classes, "
+        f"batch {'dynamic' if args.dynamic_batch else args.batch_size}, "
+        f"checkpoint {spec.checkpoint or 'none (random weights)'}"
+    )
+    return {
+        "model": spec.name,
+        "format": args.format,
+        "quantize": args.quantize,
+        "img_size": spec.img_size,
+        "out": str(out),
+        "export_s": elapsed,
+    }
+
+
+def _check_exported(
+    args: argparse.Namespace,
+    model: nn.Module,
+    spec: ModelSpec,
+    out: Path,
+    tmp_fp32: Path | None,
+    report: dict[str, Any],
+) -> None:
+    """Print the exported model's max |Δlogits| to eager fp32 (and --eval accuracies); add them to ``report``."""
+    exported = _load_exported(out, args)
+    if exported is None:
+        print("onnxruntime is not installed: skipped the output check (pip install 'agentattn[deploy]')")
+        return
+    batches = [1, 3] if args.dynamic_batch else [args.batch_size]
+    report["max_abs_diff"] = diffs = _max_diff(model, exported, spec, batches)
+    print(f"max |Δlogits| vs eager fp32: {_diffs(diffs)}")
+    models = {"eager fp32": model}
+    if tmp_fp32 is not None:
+        models["onnxruntime fp32"] = fp32_model = OnnxModel(tmp_fp32, args.threads)
+        report["max_abs_diff_fp32"] = diffs = _max_diff(model, fp32_model, spec, batches)
+        print(f"  (the fp32 ONNX graph before quantising: {_diffs(diffs)})")
+    if args.eval:
+        label = {"onnx": "onnxruntime", "torch-export": "torch.export"}[args.format]
+        models[f"{label} {args.quantize if args.quantize != 'none' else 'fp32'}"] = exported
+        if not args.dynamic_batch:  # graphs of a fixed batch see the test set in batches of that size
+            models = {k: v if v is model else _FixedBatch(v, args.batch_size) for k, v in models.items()}
+        print(f"test accuracy (--data {args.data or spec.data or 'fashion-mnist'}):")
+        report["eval"] = _evaluate(models, args, spec)
+
+
 def run(args: argparse.Namespace) -> int:
     """Export; print the checks; return 0, or 1 with one line on stderr for bad input or a failed export."""
     out = Path(args.out)
     tmp_fp32: Path | None = None
     try:
-        _check_options(args)
-        expected = SUFFIXES[args.format]
-        if out.suffix != expected:
-            print(
-                f"agentattn export: warning: {out} does not end in {expected}; writing {args.format} there anyway",
-                file=sys.stderr,
-            )
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model, spec = load_model(
-            args.name,
-            args.checkpoint,
-            img_size=args.img_size,
-            model_kwargs=parse_model_kwargs(args.model_kwargs),
-            num_classes=args.num_classes,
-            in_chans=args.in_chans,
-            use_ema=args.ema,
-        )
-        check_runs(model, spec)
-        target = to_bf16(model) if args.quantize == "bf16" else model
-        example = example_input(spec, 2 if args.dynamic_batch else args.batch_size)
-        start = time.perf_counter()
-        try:
-            program = export_program(target, example, dynamic_batch=args.dynamic_batch)
-            if args.format == "torch-export":
-                export_torch(program, out)
-            elif args.quantize == "int8":
-                # The fp32 file is an intermediate (and --eval's reference), deleted at the end.
-                tmp_fp32 = out.with_name(f".{out.stem}.fp32-{os.getpid()}{out.suffix}")
-                export_onnx(program, tmp_fp32, args.opset)
-                quantize_onnx_int8(tmp_fp32, out)
-            else:
-                export_onnx(program, out, args.opset)
-        except (ValueError, OSError, ImportError):
-            raise
-        except Exception as err:  # exporter failures come as many types; report them in one line
-            raise ValueError(
-                f"exporting {args.name} failed ({type(err).__name__}: {one_line(err, 400)})"
-            ) from err
-        elapsed = time.perf_counter() - start
-        print(
-            f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.format}, {args.quantize}) in {elapsed:.1f} s"
-        )
-        print(
-            f"model {spec.name}, {spec.in_chans}×{spec.img_size}×{spec.img_size} → {spec.num_classes} classes, "
-            f"batch {'dynamic' if args.dynamic_batch else args.batch_size}, "
-            f"checkpoint {spec.checkpoint or 'none (random weights)'}"
-        )
-        report: dict[str, Any] = {
-            "model": spec.name,
-            "format": args.format,
-            "quantize": args.quantize,
-            "img_size": spec.img_size,
-            "out": str(out),
-            "export_s": elapsed,
-        }
-        exported = _load_exported(out, args)
-        if exported is None:
-            print("onnxruntime is not installed: skipped the output check (pip install 'agentattn[deploy]')")
-        else:
-            batches = [1, 3] if args.dynamic_batch else [args.batch_size]
-            report["max_abs_diff"] = diffs = _max_diff(model, exported, spec, batches)
-            print(f"max |Δlogits| vs eager fp32: {_diffs(diffs)}")
-            if tmp_fp32 is not None:
-                fp32_model = OnnxModel(tmp_fp32, args.threads)
-                report["max_abs_diff_fp32"] = diffs = _max_diff(model, fp32_model, spec, batches)
-                print(f"  (the fp32 ONNX graph before quantising: {_diffs(diffs)})")
-            if args.eval:
-                models = {"eager fp32": model}
-                if tmp_fp32 is not None:
-                    models["onnxruntime fp32"] = fp32_model
-                label = {"onnx": "onnxruntime", "torch-export": "torch.export"}[args.format]
-                models[f"{label} {args.quantize if args.quantize != 'none' else 'fp32'}"] = exported
-                if not args.dynamic_batch:  # graphs of a fixed batch see the test set in batches of that size
-                    models = {
-                        k: v if v is model else _FixedBatch(v, args.batch_size) for k, v in models.items()
-                    }
-                print(f"test accuracy (--data {args.data or spec.data or 'fashion-mnist'}):")
-                report["eval"] = _evaluate(models, args, spec)
+        model, spec = _load(args, out)
+        if args.format == "onnx" and args.quantize == "int8":
+            # The fp32 file is an intermediate (and --eval's reference), deleted at the end.
+            tmp_fp32 = out.with_name(f".{out.stem}.fp32-{os.getpid()}{out.suffix}")
+        elapsed = _export(args, model, spec, out, tmp_fp32)
+        report = _written(args, spec, out, elapsed)
+        _check_exported(args, model, spec, out, tmp_fp32, report)
         if args.json:
             atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
     except (ValueError, OSError, ImportError) as err:

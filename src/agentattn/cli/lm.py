@@ -51,11 +51,16 @@ COMPARE_SEEDS = [0, 1, 2]
 COMPARE_CONTEXT_MULTIPLES = [1, 2, 4]
 
 
+def _add_agent_num(p: argparse.ArgumentParser) -> None:
+    help_text = "agent tokens per head (agent only; --num-agents is its old name)"
+    p.add_argument("--agent-num", "--num-agents", dest="agent_num", type=int, default=16, help=help_text)
+
+
 def _add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     p.add_argument("--d-model", type=int, default=defaults.get("d_model", 128))
     p.add_argument("--n-layers", type=int, default=defaults.get("n_layers", 4))
     p.add_argument("--n-heads", type=int, default=defaults.get("n_heads", 4))
-    p.add_argument("--num-agents", type=int, default=16, help="agent tokens per head (agent only)")
+    _add_agent_num(p)
     p.add_argument(
         "--chunk-size", type=int, default=32, help="chunk C: the agent's exact window of C..2C tokens"
     )
@@ -64,6 +69,12 @@ def _add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     )
     p.add_argument(
         "--positions", choices=POSITIONS, default="rope", help="softmax: rotary embeddings, or none (NoPE)"
+    )
+    p.add_argument(
+        "--window-positions",
+        choices=POSITIONS,
+        default="rope",
+        help="agent: rotary embeddings on the exact-window logits only (the agent logits stay position-free)",
     )
 
 
@@ -87,12 +98,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> Non
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="lm_command", required=True)
-
-    p = sub.add_parser(
-        "train", formatter_class=parser.formatter_class, help="train one model, report val bits per byte"
-    )
+def _add_train_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser("train", formatter_class=fmt, help="train one model, report val bits per byte")
     p.add_argument("--attn", choices=ATTN_TYPES, required=True)
     _add_model_args(p, {})
     _add_train_args(p, {})
@@ -101,20 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cpu, cuda, cuda:N",
     )
-    p.add_argument(
-        "--output",
-        "--out",
-        dest="out",
-        default=None,
-        help="run directory (default runs/lm/<attn>-<timestamp>)",
-    )
+    p.add_argument("--output", "--out", dest="out", help="run directory (default runs/lm/<attn>-<timestamp>)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the results of an earlier run in --output"
     )
 
-    p = sub.add_parser(
-        "eval", formatter_class=parser.formatter_class, help="bits per byte of a checkpoint on a split"
-    )
+
+def _add_eval_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser("eval", formatter_class=fmt, help="bits per byte of a checkpoint on a split")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", default="kjv")
     p.add_argument("--cache-dir", default=None)
@@ -125,9 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
 
-    p = sub.add_parser(
-        "sample", formatter_class=parser.formatter_class, help="stream a continuation of a prompt"
-    )
+
+def _add_sample_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser("sample", formatter_class=fmt, help="stream a continuation of a prompt")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -136,9 +137,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
 
+
+def _add_compare_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "compare",
-        formatter_class=parser.formatter_class,
+        formatter_class=fmt,
         help="train every twin (x conv on/off x seeds) on one budget, evaluate val/test at 1x/2x/4x context",
     )
     _add_model_args(p, COMPARE_MODEL)
@@ -175,9 +178,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--section", default=None, help="also write a `bench report` section JSON (for BENCHMARKS.md)"
     )
 
+
+def _add_merge_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "merge",
-        formatter_class=parser.formatter_class,
+        formatter_class=fmt,
         help="merge lm compare results.json files run with different seeds into one comparison",
     )
     p.add_argument("results", nargs="+", help="results.json of each comparison (the same but for the seeds)")
@@ -189,9 +194,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--section", default=None, help="also write a `bench report` section JSON (for BENCHMARKS.md)"
     )
 
+
+def _add_bench_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "bench",
-        formatter_class=parser.formatter_class,
+        formatter_class=fmt,
         help="speed figures: layer forward, decode latency, state size, crossover",
     )
     p.add_argument("--layer-contexts", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192, 16384])
@@ -199,7 +206,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--n-layers", type=int, default=4, help="layers of the decode model")
-    p.add_argument("--num-agents", type=int, default=16)
+    _add_agent_num(p)
     p.add_argument("--chunk-size", type=int, default=32)
     p.add_argument("--conv-kernel", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=2.0, help="timing budget per point")
@@ -207,9 +214,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--section", default=None, help="also write a `bench report` section JSON")
 
+
+def _add_mqar_command(sub: Any, fmt: type[argparse.HelpFormatter]) -> None:
     p = sub.add_parser(
         "mqar",
-        formatter_class=parser.formatter_class,
+        formatter_class=fmt,
         help="multi-query associative recall (Zoology): accuracy against d_model per mixer",
     )
     p.add_argument("--attn", nargs="+", choices=ATTN_TYPES, default=list(ATTN_TYPES))
@@ -233,15 +242,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="lm_command", required=True)
+    for add_command in (
+        _add_train_command,
+        _add_eval_command,
+        _add_sample_command,
+        _add_compare_command,
+        _add_merge_command,
+        _add_bench_command,
+        _add_mqar_command,
+    ):
+        add_command(sub, parser.formatter_class)
+
+
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "d_model": args.d_model,
         "n_layers": args.n_layers,
         "n_heads": args.n_heads,
-        "num_agents": args.num_agents,
+        "agent_num": args.agent_num,
         "chunk_size": args.chunk_size,
         "conv_kernel": args.conv_kernel,
         "positions": args.positions,
+        "window_positions": args.window_positions,
         "max_seq_len": args.seq_len,
     }
 
@@ -412,7 +436,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_benchmark(
         args.layer_contexts, args.decode_contexts, args.d_model, args.n_heads, args.n_layers, args.threads,
-        args.budget_s, num_agents=args.num_agents, chunk_size=args.chunk_size, conv_kernel=args.conv_kernel,
+        args.budget_s, agent_num=args.agent_num, chunk_size=args.chunk_size, conv_kernel=args.conv_kernel,
     )  # fmt: skip
     for r in result["layer_forward"]:
         print(f"layer T={r['context']:6d}  agent {r['agent_ms']:9.2f} ms  softmax {r['softmax_ms']:9.2f} ms  "

@@ -90,28 +90,30 @@ def _error(message: str) -> int:
     return 1
 
 
-def run(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
+class _BadInput(Exception):
+    """Bad input or a pipeline that cannot load: :func:`run` prints it as one error line and returns 1."""
+
+
+def _load_pipeline(args: argparse.Namespace, model_dir: Path) -> Any:
+    """Check the options, then load the pipeline from ``model_dir`` onto --device / --dtype (no download)."""
     if not (model_dir / "model_index.json").is_file():
-        return _error(
+        raise _BadInput(
             f"--model {args.model} is not a local diffusers pipeline directory (no model_index.json); "
             "nothing is downloaded, see the README for where to get Stable Diffusion weights"
         )
     if args.steps < 1:
-        return _error(f"--steps must be >= 1, got {args.steps}")
+        raise _BadInput(f"--steps must be >= 1, got {args.steps}")
     try:
         from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        from ..diffusion import AgentSDSchedule, apply_patch, patch_options, remove_patch
+        from ..diffusion.patch import AgentSDConfig, check_config
     except ImportError:
-        return _error("needs diffusers: pip install 'agentattn[diffusion]'")
-    from ..diffusion.patch import AgentSDConfig, check_config
-
+        raise _BadInput("needs diffusers: pip install 'agentattn[diffusion]'") from None
     try:  # before loading the weights
         check_config(AgentSDConfig(args.ratio, args.agent_ratio, args.sx, args.sy, args.max_downsample or 1))
     except ValueError as e:
-        return _error(str(e))
+        raise _BadInput(str(e)) from None
     if args.threads:
         torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()
@@ -120,8 +122,17 @@ def run(args: argparse.Namespace) -> int:
         pipe = DiffusionPipeline.from_pretrained(model_dir, local_files_only=True, variant=args.variant)
         pipe = pipe.to(args.device, DTYPES[args.dtype])
     except Exception as e:  # diffusers raises many kinds here; keep the CLI to one line
-        return _error(f"cannot load a pipeline from {args.model}: {type(e).__name__}: {e}".splitlines()[0])
+        raise _BadInput(
+            f"cannot load a pipeline from {args.model}: {type(e).__name__}: {e}".splitlines()[0]
+        ) from None
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _patch(pipe: Any, args: argparse.Namespace) -> None:
+    """Patch ``pipe``'s UNet with AgentSD as the options say."""
+    from ..diffusion import apply_patch
+
     try:
         apply_patch(
             pipe,
@@ -133,13 +144,16 @@ def run(args: argparse.Namespace) -> int:
             attn_precision=args.attn_precision,
         )
     except (TypeError, ValueError) as e:
-        return _error(str(e))
-    use_schedule = 0 < args.switch_step < args.steps
-    callback = AgentSDSchedule(args.switch_step) if use_schedule else None
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise _BadInput(str(e)) from None
+
+
+def _generate_all(
+    pipe: Any, args: argparse.Namespace, out_dir: Path, callback: Any, settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Generate, save and time each prompt's image (with --baseline also unpatched, same seed); one record each."""
+    from ..diffusion import apply_patch, remove_patch
+
     records: list[dict[str, Any]] = []
-    settings = patch_options(pipe)
     for i, prompt in enumerate(args.prompt):
         for method in ("agentsd", "unpatched") if args.baseline else ("agentsd",):
             if method == "unpatched":
@@ -161,7 +175,11 @@ def run(args: argparse.Namespace) -> int:
                 }
             )
             print(f"{path}: {seconds:.2f} s ({method})")
-    remove_patch(pipe)
+    return records
+
+
+def _summary(records: list[dict[str, Any]], images: int) -> dict[str, Any]:
+    """Mean seconds per method, and the speed-up (printed) when there are unpatched images."""
     summary: dict[str, Any] = {}
     for method in ("agentsd", "unpatched"):
         times = [r["seconds"] for r in records if r["method"] == method]
@@ -169,10 +187,21 @@ def run(args: argparse.Namespace) -> int:
             summary[f"{method}_mean_seconds"] = sum(times) / len(times)
     if "unpatched_mean_seconds" in summary:
         summary["speedup"] = summary["unpatched_mean_seconds"] / summary["agentsd_mean_seconds"]
-        print(
-            f"AgentSD {summary['speedup']:.2f}x faster than unpatched (mean over {len(args.prompt)} image(s))"
-        )
-    report = {
+        print(f"AgentSD {summary['speedup']:.2f}x faster than unpatched (mean over {images} image(s))")
+    return summary
+
+
+def _report(
+    args: argparse.Namespace,
+    model_dir: Path,
+    pipe: Any,
+    settings: dict[str, Any],
+    callback: Any,
+    records: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The timings.json content: model, settings, environment, one record per image and the summary."""
+    return {
         "model": str(model_dir),
         "pipeline": type(pipe).__name__,
         "steps": args.steps,
@@ -189,6 +218,27 @@ def run(args: argparse.Namespace) -> int:
         "images": records,
         **summary,
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate and time the images, write them and timings.json; 0, or 1 with one error line on bad input."""
+    model_dir = Path(args.model)
+    try:
+        pipe = _load_pipeline(args, model_dir)
+        _patch(pipe, args)
+    except _BadInput as e:
+        return _error(str(e))
+    from ..diffusion import AgentSDSchedule, patch_options, remove_patch
+
+    use_schedule = 0 < args.switch_step < args.steps
+    callback = AgentSDSchedule(args.switch_step) if use_schedule else None
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = patch_options(pipe)
+    records = _generate_all(pipe, args, out_dir, callback, settings)
+    remove_patch(pipe)
+    summary = _summary(records, len(args.prompt))
+    report = _report(args, model_dir, pipe, settings, callback, records, summary)
     atomic_write_text(out_dir / "timings.json", json.dumps(report, indent=1))
     print(f"wrote {out_dir / 'timings.json'}")
     return 0

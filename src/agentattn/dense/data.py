@@ -1,6 +1,6 @@
 """Data for dense prediction: an offline synthetic shapes dataset, COCO and ADE20K readers, COCO export.
 
-Synthetic shapes (the default ``--data synthetic``): scikit-image ``draw.random_shapes`` objects (rectangle,
+Synthetic shapes (the default ``data="synthetic"``): scikit-image ``draw.random_shapes`` objects (rectangle,
 circle, triangle; the class is the shape, the colour is random) on smooth colour-noise and stripe textures.
 Every image is a pure function of (seed, split, index), so the validation split is fixed and nothing is
 downloaded or stored. Each sample carries class labels, tight boxes and instance masks, and a semantic map.
@@ -9,8 +9,8 @@ downloaded or stored. Each sample carries class labels, tight boxes and instance
                          "masks": (N, S, S) uint8, "image_id": int}
     segmentation sample: image (3, S, S), labels (S, S) int64 in 0..K (0 background; 255 ignored)
 
-``--data coco:PATH`` reads ``PATH/annotations/instances_{split}2017.json`` (or ``instances_{split}.json``) and
-the images in ``PATH/{split}2017`` (or ``PATH/{split}``); ``--data ade20k:PATH`` reads ADEChallengeData2016
+``data="coco:PATH"`` reads ``PATH/annotations/instances_{split}2017.json`` (or ``instances_{split}.json``) and
+the images in ``PATH/{split}2017`` (or ``PATH/{split}``); ``data="ade20k:PATH"`` reads ADEChallengeData2016
 (``images/{training,validation}``, ``annotations/...``; label 0 is "other" and ignored, 1..150 become 0..149).
 """
 
@@ -243,7 +243,7 @@ def to_coco_dict(dataset: Dataset, indices: list[int] | None = None) -> dict[str
 def export_coco(dataset: SyntheticShapes, root: str | Path, split: str | None = None) -> Path:
     """Write ``root/{split}/NNNNNN.png`` and ``root/annotations/instances_{split}.json``; return the json path.
 
-    The result reads back with ``--data coco:ROOT`` and with ``pycocotools.coco.COCO``.
+    The result reads back with ``data="coco:ROOT"`` and with ``pycocotools.coco.COCO``.
     """
     from PIL import Image
 
@@ -410,7 +410,7 @@ class ADE20KSegmentation(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The --data switch
+# The data switch
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class DenseData:
@@ -438,7 +438,7 @@ def build_dense_data(
     num_val: int = 200,
     seed: int = 0,
 ) -> DenseData:
-    """Datasets for ``--data``: ``synthetic`` (default), ``coco:PATH`` (det) or ``ade20k:PATH`` (seg).
+    """Datasets for ``data``: ``synthetic`` (default), ``coco:PATH`` (det) or ``ade20k:PATH`` (seg).
 
     ``seed`` picks the synthetic dataset (its val split is fixed by it); the default 0 is the reference one.
     """
@@ -447,25 +447,25 @@ def build_dense_data(
         raise ValueError(f"task must be 'det' or 'seg', got {task!r}")
     if kind == "synthetic":
         if path:
-            raise ValueError(f"--data synthetic takes no path, got {spec!r}")
+            raise ValueError(f"data 'synthetic' takes no path, got {spec!r}")
         train = SyntheticShapes("train", img_size, num_train, seed, task=task, hflip=True)
         val = SyntheticShapes("val", img_size, num_val, seed, task=task)
         # det: classes + background (torchvision); seg: background is label 0 of the same count
         return DenseData(train, val, train.num_classes, ("background", *SYNTHETIC_CLASSES), spec, True)
     if kind not in ("coco", "ade20k"):
-        raise ValueError(f"--data must be synthetic, coco:PATH or ade20k:PATH, got {spec!r}")
+        raise ValueError(f"data must be 'synthetic', 'coco:PATH' or 'ade20k:PATH', got {spec!r}")
     if not path:
-        raise ValueError(f"--data {kind}: needs a path, e.g. {kind}:/data/{kind}")
+        raise ValueError(f"data {spec!r} needs a path, e.g. '{kind}:/data/{kind}'")
     if not Path(path).is_dir():
-        raise ValueError(f"--data {spec}: {path} is not a directory")
+        raise ValueError(f"data {spec!r}: {path} is not a directory")
     if kind == "coco":
         if task != "det":
-            raise ValueError("--data coco:PATH is a detection dataset (use --task det)")
+            raise ValueError(f"data {spec!r} is a detection dataset (use task='det'), got task={task!r}")
         train, val = CocoDetection(path, "train", hflip=True), CocoDetection(path, "val")
         return DenseData(train, val, train.num_classes, ("background", *train.classes), spec, False)
     if kind == "ade20k":
         if task != "seg":
-            raise ValueError("--data ade20k:PATH is a segmentation dataset (use --task seg)")
+            raise ValueError(f"data {spec!r} is a segmentation dataset (use task='seg'), got task={task!r}")
         train, val = ADE20KSegmentation(path, "train", img_size), ADE20KSegmentation(path, "val", img_size)
         return DenseData(train, val, ADE20KSegmentation.num_classes, ADE20KSegmentation.classes, spec, False)
-    raise ValueError(f"--data must be synthetic, coco:PATH or ade20k:PATH, got {spec!r}")
+    raise ValueError(f"data must be 'synthetic', 'coco:PATH' or 'ade20k:PATH', got {spec!r}")

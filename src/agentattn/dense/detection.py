@@ -83,54 +83,59 @@ def check_detection_inputs(
         return None
     if len(targets) != len(images):
         raise ValueError(f"got {len(images)} images but {len(targets)} targets")
-    out = []
-    for i, (img, tgt) in enumerate(zip(images, targets, strict=True)):
-        height, width = img.shape[-2:]
-        for key in ("boxes", "labels") + (("masks",) if need_masks else ()):
-            if key not in tgt:
-                raise ValueError(f"targets[{i}] has no {key!r} (keys: {sorted(tgt)})")
-        boxes, labels = tgt["boxes"], tgt["labels"]
-        if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
-            raise ValueError(
-                f"targets[{i}]['boxes'] must be a float (N, 4) tensor (x1, y1, x2, y2), got "
-                f"{tuple(boxes.shape)} {boxes.dtype}"
-            )
-        if labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
-            raise ValueError(
-                f"targets[{i}]['labels'] must be int64 of shape ({boxes.shape[0]},), got "
-                f"{tuple(labels.shape)} {labels.dtype}"
-            )
-        if labels.numel() and (labels.min() < 1 or labels.max() >= num_classes):
-            raise ValueError(
-                f"targets[{i}]['labels'] must be in [1, {num_classes - 1}] (0 is the background), "
-                f"got {labels.tolist()}"
-            )
-        bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-        if bad.any():
-            j = int(bad.nonzero()[0])
-            raise ValueError(
-                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no area (need x2 > x1, y2 > y1)"
-            )
-        outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
-        if outside.any():
-            j = int(outside.nonzero()[0])
-            raise ValueError(
-                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} lies entirely outside its {height}×{width} image"
-            )
-        tgt = dict(tgt)
-        tgt["boxes"] = torch.stack(
-            [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height), boxes[:, 2].clamp(0, width),
-             boxes[:, 3].clamp(0, height)], dim=1,
-        )  # fmt: skip
-        if need_masks:
-            masks = tgt["masks"]
-            if masks.shape != (boxes.shape[0], height, width):
-                raise ValueError(
-                    f"targets[{i}]['masks'] must be ({boxes.shape[0]}, {height}, {width}) like its image, "
-                    f"got {tuple(masks.shape)}"
-                )
-        out.append(tgt)
-    return out
+    return [
+        _checked_target(i, img, tgt, num_classes, need_masks)
+        for i, (img, tgt) in enumerate(zip(images, targets, strict=True))
+    ]
+
+
+def _checked_target(
+    i: int, img: torch.Tensor, tgt: dict[str, torch.Tensor], num_classes: int, need_masks: bool
+) -> dict[str, torch.Tensor]:
+    """Check ``targets[i]`` against its (C, H, W) image; a new dict with boxes (N, 4) clipped to the image."""
+    height, width = img.shape[-2:]
+    for key in ("boxes", "labels") + (("masks",) if need_masks else ()):
+        if key not in tgt:
+            raise ValueError(f"targets[{i}] has no {key!r} (keys: {sorted(tgt)})")
+    boxes, labels = tgt["boxes"], tgt["labels"]
+    if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
+        raise ValueError(
+            f"targets[{i}]['boxes'] must be a float (N, 4) tensor (x1, y1, x2, y2), got "
+            f"{tuple(boxes.shape)} {boxes.dtype}"
+        )
+    if labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(
+            f"targets[{i}]['labels'] must be int64 of shape ({boxes.shape[0]},), got "
+            f"{tuple(labels.shape)} {labels.dtype}"
+        )
+    if labels.numel() and (labels.min() < 1 or labels.max() >= num_classes):
+        raise ValueError(
+            f"targets[{i}]['labels'] must be in [1, {num_classes - 1}] (0 is the background), "
+            f"got {labels.tolist()}"
+        )
+    bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        raise ValueError(
+            f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} has no area (need x2 > x1, y2 > y1)"
+        )
+    outside = (boxes[:, 2] <= 0) | (boxes[:, 3] <= 0) | (boxes[:, 0] >= width) | (boxes[:, 1] >= height)
+    if outside.any():
+        j = int(outside.nonzero()[0])
+        raise ValueError(
+            f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} lies entirely outside its {height}×{width} image"
+        )
+    tgt = dict(tgt)
+    tgt["boxes"] = torch.stack(
+        [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height), boxes[:, 2].clamp(0, width),
+         boxes[:, 3].clamp(0, height)], dim=1,
+    )  # fmt: skip
+    if need_masks and tgt["masks"].shape != (boxes.shape[0], height, width):
+        raise ValueError(
+            f"targets[{i}]['masks'] must be ({boxes.shape[0]}, {height}, {width}) like its image, "
+            f"got {tuple(tgt['masks'].shape)}"
+        )
+    return tgt
 
 
 def _checked(cls: type[nn.Module], need_masks: bool) -> type[nn.Module]:
@@ -195,6 +200,22 @@ def build_detector(
     body = AgentBackbone(backbone, pretrained=pretrained_backbone, agent_grids=agent_grids, **bkw)
     fpn = FPNBackbone(body, fpn_channels, extra="p6p7" if kind == "retinanet" else "pool")
     num_levels = len(body.out_indices) + (2 if kind == "retinanet" else 1)
+    _set_anchor_generator(detector_kwargs, kind, num_levels, anchor_sizes)
+    num_classes_arg = _set_heads(
+        detector_kwargs, kind, num_classes, fpn_channels, representation_size, mask_head_channels
+    )
+    cls = {"maskrcnn": AgentMaskRCNN, "fasterrcnn": AgentFasterRCNN, "retinanet": AgentRetinaNet}[kind]
+    model = cls(fpn, num_classes=num_classes_arg, **detector_kwargs)
+    model.num_classes = num_classes
+    return model
+
+
+def _set_anchor_generator(
+    detector_kwargs: dict[str, Any], kind: str, num_levels: int, anchor_sizes: tuple[int, ...] | None
+) -> None:
+    """Put an anchor generator for ``num_levels`` pyramid levels into ``detector_kwargs`` where torchvision's
+    default does not fit (given sizes, fewer or more than 5 R-CNN levels, RetinaNet's 3 + 2 levels)."""
+    ratios = ((0.5, 1.0, 2.0),) * num_levels
     if anchor_sizes is not None:
         if len(anchor_sizes) != num_levels:
             raise ValueError(
@@ -204,27 +225,34 @@ def build_detector(
             sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in anchor_sizes)
         else:
             sizes = tuple((s,) for s in anchor_sizes)
-        generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * num_levels)
-        detector_kwargs["anchor_generator" if kind == "retinanet" else "rpn_anchor_generator"] = generator
+        key = "anchor_generator" if kind == "retinanet" else "rpn_anchor_generator"
+        detector_kwargs[key] = AnchorGenerator(sizes, ratios)
     elif kind != "retinanet" and num_levels != 5:
-        generator = AnchorGenerator(
-            tuple((32 * 2**i,) for i in range(num_levels)), ((0.5, 1.0, 2.0),) * num_levels
+        detector_kwargs.setdefault(
+            "rpn_anchor_generator", AnchorGenerator(tuple((32 * 2**i,) for i in range(num_levels)), ratios)
         )
-        detector_kwargs.setdefault("rpn_anchor_generator", generator)
+    if kind == "retinanet" and "anchor_generator" not in detector_kwargs:
+        sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in (32, 64, 128, 256, 512))
+        detector_kwargs["anchor_generator"] = AnchorGenerator(sizes[:num_levels], ratios)
+
+
+def _set_heads(
+    detector_kwargs: dict[str, Any],
+    kind: str,
+    num_classes: int,
+    fpn_channels: int,
+    representation_size: int | None,
+    mask_head_channels: int | None,
+) -> int | None:
+    """Put narrower R-CNN box / mask heads into ``detector_kwargs`` when asked for; returns the ``num_classes``
+    for the torchvision class (None once a predictor is given: torchvision refuses both)."""
+    num_classes_arg: int | None = num_classes
     if kind != "retinanet" and representation_size is not None:
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
         detector_kwargs["box_head"] = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
         detector_kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
         num_classes_arg = None
-    else:
-        num_classes_arg = num_classes
-    if kind == "retinanet" and "anchor_generator" not in detector_kwargs:
-        sizes = tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in (32, 64, 128, 256, 512))
-        detector_kwargs["anchor_generator"] = AnchorGenerator(
-            sizes[:num_levels], ((0.5, 1.0, 2.0),) * num_levels
-        )
-    cls = {"maskrcnn": AgentMaskRCNN, "fasterrcnn": AgentFasterRCNN, "retinanet": AgentRetinaNet}[kind]
     if kind == "maskrcnn" and (num_classes_arg is None or mask_head_channels is not None):
         from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
@@ -232,6 +260,4 @@ def build_detector(
         detector_kwargs.setdefault("mask_head", MaskRCNNHeads(fpn_channels, (width,) * 4, 1))
         detector_kwargs.setdefault("mask_predictor", MaskRCNNPredictor(width, width, num_classes))
         num_classes_arg = None
-    model = cls(fpn, num_classes=num_classes_arg, **detector_kwargs)
-    model.num_classes = num_classes
-    return model
+    return num_classes_arg

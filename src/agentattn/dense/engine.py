@@ -2,8 +2,9 @@
 
     train: AdamW, linear warmup, steps ×0.1 at 8/12 and 11/12 of the run (mmdet's 1x shape), then evaluate
     eval:  detection → COCO box / mask AP through pycocotools; segmentation → mIoU, mAcc (mmseg's definitions)
+           (in :mod:`agentattn.dense.evaluation`, re-exported here)
     compare: params, FLOPs (one multiply-add = one FLOP) and CPU/GPU latency of a detector with the agent
-             backbone and with its softmax twin
+             backbone and with its softmax twin (in :mod:`agentattn.dense.compare`, re-exported here)
 
 Files in ``output``: ``metrics.jsonl`` (step and eval lines, appended through :func:`agentattn.io.open_log`,
 which never writes through a symlink), ``final.json`` (config + final metrics) and ``model.pth`` (plain
@@ -14,18 +15,14 @@ life (a second run into it stops at once) and refuses to start over an earlier r
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import MultiStepLRScheduler
@@ -52,8 +49,10 @@ from ..train.record_checks import (
     load_state_dict_checked,
     prepare_output,
 )
-from .data import IGNORE_INDEX, DenseData, build_dense_data, collate_detection, to_coco_dict
+from .compare import backbone_flops, compare_detectors
+from .data import IGNORE_INDEX, DenseData, build_dense_data
 from .detection import DETECTOR_KINDS, build_detector
+from .evaluation import dense_loader, evaluate_detection, evaluate_segmentation
 from .segmentation import SEGMENTER_KINDS, build_segmenter
 
 __all__ = [
@@ -68,7 +67,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "agentattn-dense-v1"
-# The files a run writes into its output directory: what --overwrite removes, and nothing else.
+# The files a run writes into its output directory: what ``overwrite`` removes, and nothing else.
 RUN_FILES = ("metrics.jsonl", "final.json", "model.pth")
 MAX_CLASSES = 100_000
 
@@ -124,18 +123,18 @@ class DenseConfig:
     def __post_init__(self) -> None:
         kinds = DETECTOR_KINDS if self.task == "det" else SEGMENTER_KINDS
         if self.task not in ("det", "seg"):
-            raise ValueError(f"--task must be 'det' or 'seg', got {self.task!r}")
+            raise ValueError(f"task must be 'det' or 'seg', got {self.task!r}")
         if self.task == "seg" and self.kind == "maskrcnn":
             self.kind = "fpn"  # the default kind is a detector's
         if self.kind not in kinds:
-            raise ValueError(f"--kind for task {self.task!r} must be one of {kinds}, got {self.kind!r}")
+            raise ValueError(f"kind for task {self.task!r} must be one of {kinds}, got {self.kind!r}")
         for name in ("epochs", "batch_size", "num_train", "num_val", "img_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.time_limit_min is not None and self.time_limit_min <= 0:
             self.time_limit_min = None  # 0 disables the limit
         if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise ValueError(f"lr must be positive, got {self.lr}")
 
 
 def build_dense_model(config: DenseConfig, num_classes: int, synthetic: bool) -> nn.Module:
@@ -175,137 +174,6 @@ def build_dense_model(config: DenseConfig, num_classes: int, synthetic: bool) ->
     )
 
 
-def _loader(dataset, batch_size: int, shuffle: bool, task: str, num_workers: int, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=collate_detection if task == "det" else None,
-        generator=generator,
-        drop_last=shuffle,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------
-def _rle(mask: np.ndarray) -> dict[str, Any]:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def _coco_eval(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str) -> dict[str, float]:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    names = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
-    if not results:
-        return {f"{iou_type}_{n}": 0.0 for n in names}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {f"{iou_type}_{n}": max(float(v), 0.0) for n, v in zip(names, ev.stats[:6], strict=True)}
-
-
-@torch.no_grad()
-def evaluate_detection(
-    model: nn.Module,
-    dataset,
-    batch_size: int = 8,
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """COCO box (and, for Mask R-CNN, mask) AP of ``model`` on ``dataset`` through pycocotools.
-
-    Returns ``bbox_mAP``, ``bbox_mAP_50``, ``bbox_mAP_75``, ... (and ``segm_*``), in [0, 1].
-    """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    label_to_cat = getattr(dataset, "label_to_cat", None)
-    boxes_out, masks_out = [], []
-    has_masks = False
-    try:
-        batches = _loader(dataset, batch_size, False, "det", 0, 0)
-        for images, targets in tqdm(
-            batches, desc="eval", disable=not progress, dynamic_ncols=True, leave=False
-        ):
-            outputs = model([im.to(device) for im in images])
-            for target, out in zip(targets, outputs, strict=True):
-                image_id = int(target["image_id"])
-                boxes = out["boxes"].cpu()
-                scores, labels = out["scores"].cpu().tolist(), out["labels"].cpu().tolist()
-                masks = out.get("masks")
-                has_masks = has_masks or masks is not None
-                for j, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
-                    cat = label_to_cat[labels[j]] if label_to_cat else labels[j]
-                    entry = {"image_id": image_id, "category_id": cat, "score": scores[j]}
-                    boxes_out.append({**entry, "bbox": [x1, y1, x2 - x1, y2 - y1]})
-                    if masks is not None:
-                        masks_out.append({**entry, "segmentation": _rle((masks[j, 0] > 0.5).cpu().numpy())})
-    finally:
-        model.train(was_training)
-    gt = dataset.coco.dataset if hasattr(dataset, "coco") else to_coco_dict(dataset)
-    metrics = _coco_eval(gt, boxes_out, "bbox")
-    if has_masks:
-        metrics.update(_coco_eval(gt, masks_out, "segm"))
-    return metrics
-
-
-@torch.no_grad()
-def evaluate_segmentation(
-    model: nn.Module,
-    dataset,
-    num_classes: int,
-    batch_size: int = 8,
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """mIoU and mAcc (mmseg: per-class IoU / accuracy, NaN for classes absent from the labels, nan-mean).
-
-    Pixels labelled 255 are ignored. Logits are resized to the label map when their sizes differ.
-    """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    hist = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    try:
-        same_size = getattr(dataset, "split", "") != "val" or not hasattr(dataset, "label_dir")
-        batches = _loader(dataset, batch_size if same_size else 1, False, "seg", 0, 0)
-        for images, labels in tqdm(
-            batches, desc="eval", disable=not progress, dynamic_ncols=True, leave=False
-        ):
-            logits = model(images.to(device))
-            if logits.shape[-2:] != labels.shape[-2:]:
-                logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            pred = logits.argmax(1).cpu()
-            valid = labels != IGNORE_INDEX
-            idx = labels[valid] * num_classes + pred[valid]
-            hist += torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes).double()
-    finally:
-        model.train(was_training)
-    inter = hist.diag()
-    label_area, pred_area = hist.sum(1), hist.sum(0)
-    iou = inter / (label_area + pred_area - inter)
-    acc = inter / label_area
-    return {
-        "mIoU": float(np.nanmean(iou.numpy())),
-        "mAcc": float(np.nanmean(acc.numpy())),
-        "aAcc": float(inter.sum() / hist.sum().clamp_min(1)),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,7 +193,7 @@ def mmdet_1x_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int
 
 def _schedule_position(step: int, total: int, warmup: int, progress: float | None) -> int:
     """The step the schedule is at: the step itself, or past warm-up the elapsed share of a time limit
-    (``progress``, 0 … 1) of ``total`` when larger, so that a run cut by ``--time-limit-min`` still goes through
+    (``progress``, 0 … 1) of ``total`` when larger, so that a run cut by ``time_limit_min`` still goes through
     both decays."""
     if step < warmup or progress is None:
         return step
@@ -351,6 +219,7 @@ def train_dense(config: DenseConfig, data: DenseData | None = None) -> dict[str,
 
 
 def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> dict[str, Any]:
+    """Train, evaluate and write the run files into ``out_dir`` (already locked and prepared)."""
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -362,17 +231,54 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
     log = out_dir / "metrics.jsonl"
     open_log(log, truncate=True).close()  # starts the run's append-only log (a symlink is refused)
 
+    optimizer = _optimizer(model, config)
+    loader = dense_loader(data.train, config.batch_size, True, config.task, config.num_workers, config.seed)
+    total = config.max_steps or config.epochs * len(loader)
+    step, stopped_early, train_time = _run_steps(config, model, optimizer, loader, total, device, log)
+    if stopped_early and config.progress:
+        print(f"stopped by the {config.time_limit_min:g}-minute time limit after {step} of {total} steps")
+    t0 = time.perf_counter()
+    metrics = _evaluate(config, model, data, device)
+    result = {
+        **metrics,
+        "steps": step,
+        "epochs_run": step / max(len(loader), 1),
+        "train_time_s": train_time,
+        "eval_time_s": time.perf_counter() - t0,
+        "stopped_by_time_limit": stopped_early,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    _append_jsonl(log, {"kind": "eval", **result})
+    _write_results(config, data, model, result, out_dir)
+    return result
+
+
+def _optimizer(model: nn.Module, config: DenseConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and kernels only (not on biases and norm scales)."""
     params_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     params_other = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": params_decay, "weight_decay": config.weight_decay},
             {"params": params_other, "weight_decay": 0.0},
         ],
         lr=config.lr,
     )
-    loader = _loader(data.train, config.batch_size, True, config.task, config.num_workers, config.seed)
-    total = config.max_steps or config.epochs * len(loader)
+
+
+def _run_steps(
+    config: DenseConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    total: int,
+    device: torch.device,
+    log: Path,
+) -> tuple[int, bool, float]:
+    """Train ``total`` steps or until the time limit, one ``step`` line in ``log`` each.
+
+    Returns (steps done, stopped by the time limit, training seconds).
+    """
     scheduler = mmdet_1x_scheduler(optimizer, total, config.warmup_steps)
     limit_s = config.time_limit_min * 60 if config.time_limit_min is not None else None
     start, step, epoch = time.perf_counter(), 0, 0
@@ -383,23 +289,8 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
         for batch in loader:
             progress = (time.perf_counter() - start) / limit_s if limit_s else None
             scheduler.step_update(_schedule_position(step, total, config.warmup_steps, progress))
-            if config.task == "det":
-                images = [im.to(device) for im in batch[0]]
-                targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
-                losses = model(images, targets)
-            else:
-                logits = model(batch[0].to(device))
-                losses = {"loss_ce": F.cross_entropy(logits, batch[1].to(device), ignore_index=IGNORE_INDEX)}
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}; lower --lr or raise --warmup-steps"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
+            losses = _losses(config.task, model, batch, device)
+            loss = _update(model, optimizer, losses, config.clip_grad, step)
             step += 1
             elapsed = time.perf_counter() - start
             record = {"kind": "step", "step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
@@ -416,26 +307,53 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
                 break
         epoch += 1
     bar.close()
-    if stopped_early and config.progress:
-        print(f"stopped by the {config.time_limit_min:g}-minute time limit after {step} of {total} steps")
-    train_time = time.perf_counter() - start
-    t0 = time.perf_counter()
+    return step, stopped_early, time.perf_counter() - start
+
+
+def _losses(task: str, model: nn.Module, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """The loss dict of one batch: the detector's own, or cross-entropy of (B, K, H, W) logits on (B, H, W) labels."""
+    if task == "det":
+        images = [im.to(device) for im in batch[0]]
+        targets = [{k: v.to(device) for k, v in t.items()} for t in batch[1]]
+        return model(images, targets)
+    logits = model(batch[0].to(device))
+    return {"loss_ce": F.cross_entropy(logits, batch[1].to(device), ignore_index=IGNORE_INDEX)}
+
+
+def _update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    losses: dict[str, torch.Tensor],
+    clip_grad: float,
+    step: int,
+) -> torch.Tensor:
+    """One optimizer step on the sum of ``losses``; returns that sum (a scalar). A non-finite loss stops the run."""
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr or raise warmup_steps")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    return loss
+
+
+def _evaluate(
+    config: DenseConfig, model: nn.Module, data: DenseData, device: torch.device
+) -> dict[str, float]:
+    """Validation metrics of the trained model: COCO AP (det) or mIoU / mAcc (seg)."""
     if config.task == "det":
-        metrics = evaluate_detection(model, data.val, config.batch_size, device, progress=config.progress)
-    else:
-        metrics = evaluate_segmentation(
-            model, data.val, data.num_classes, config.batch_size, device, progress=config.progress
-        )
-    result = {
-        **metrics,
-        "steps": step,
-        "epochs_run": step / max(len(loader), 1),
-        "train_time_s": train_time,
-        "eval_time_s": time.perf_counter() - t0,
-        "stopped_by_time_limit": stopped_early,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    _append_jsonl(log, {"kind": "eval", **result})
+        return evaluate_detection(model, data.val, config.batch_size, device, progress=config.progress)
+    return evaluate_segmentation(
+        model, data.val, data.num_classes, config.batch_size, device, progress=config.progress
+    )
+
+
+def _write_results(
+    config: DenseConfig, data: DenseData, model: nn.Module, result: dict[str, Any], out_dir: Path
+) -> None:
+    """Write ``model.pth`` (config, classes, weights, metrics) and ``final.json`` (config, metrics), atomically."""
     plain = asdict(config)
     atomic_torch_save(
         {"format": CHECKPOINT_FORMAT, "config": plain, "num_classes": data.num_classes, "classes": list(data.classes),
@@ -443,7 +361,6 @@ def _train_dense(config: DenseConfig, data: DenseData | None, out_dir: Path) -> 
         out_dir / "model.pth",
     )  # fmt: skip
     atomic_write_text(out_dir / "final.json", json.dumps({"config": plain, "metrics": result}, indent=1))
-    return result
 
 
 FILE_INT_LIMITS = {"img_size": 4096, "min_size": 4096, "max_size": 4096, "num_train": 100_000, "num_val": 100_000,
@@ -492,84 +409,3 @@ def load_dense_checkpoint(path: str | Path) -> tuple[DenseConfig, nn.Module, dic
         raise ValueError(f"{path}: field config describes no model that can be built ({reason})") from err
     load_state_dict_checked(path, "model", model, state)
     return config, model, ckpt
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Comparison: agent backbone vs its softmax twin
-# ---------------------------------------------------------------------------------------------------------------
-def _set_size(model: nn.Module, height: int, width: int) -> None:
-    """Make the detector's transform keep an input of this size as it is (no resize)."""
-    model.transform.min_size = (min(height, width),)
-    model.transform.max_size = max(height, width)
-
-
-def backbone_flops(backbone: nn.Module, size: tuple[int, int]) -> int:
-    """FLOPs (multiply-adds) of one (1, 3, H, W) backbone forward, counted on the meta device (no compute)."""
-    from ..measure import FlopCounter
-
-    meta = copy.deepcopy(backbone).eval().to_empty(device="meta")
-    counter = FlopCounter()
-    with torch.no_grad(), counter:
-        meta(torch.empty(1, backbone.in_chans, *size, device="meta"))
-    return counter.total
-
-
-def compare_detectors(
-    kind: str = "maskrcnn",
-    backbone: str = "agent_pvt_tiny_224",
-    twin_attn_type: str = "BBBB",
-    agent_grids: Any = "official",
-    flops_size: tuple[int, int] = (800, 1333),
-    latency_sizes: tuple[tuple[int, int], ...] = ((512, 512), (800, 1333), (1024, 1024)),
-    num_classes: int = 81,
-    device: str = "auto",
-    budget_s: float = 10.0,
-) -> list[dict[str, Any]]:
-    """Params, FLOPs and latency (batch 1, eval, median ms) of ``kind`` with the agent backbone and its twin.
-
-    Both detectors use torchvision's default heads (FPN 256, 1000 proposals); ``box_score_thresh=0`` so that
-    both run the heads on the full 100 detections whatever their (random) weights predict.
-    """
-    from ..measure import count_flops, median_ms
-
-    dev = resolve_device(device)
-    rows = []
-    for label, bkw, grids in (
-        ("agent", {}, agent_grids),
-        ("softmax twin", {"attn_type": twin_attn_type}, None),
-    ):
-        torch.manual_seed(0)
-        extra = {"box_score_thresh": 0.0} if kind != "retinanet" else {"score_thresh": 0.0}
-        model = build_detector(
-            kind, backbone, num_classes=num_classes, agent_grids=grids, backbone_kwargs=bkw, **extra
-        )
-        model.eval()
-        row: dict[str, Any] = {"backbone": backbone, "variant": label, "attn_type": bkw.get("attn_type", "default"),
-                               "agent_grids": grids, "kind": kind, "params": sum(p.numel() for p in model.parameters()),
-                               "backbone_params": sum(p.numel() for p in model.backbone.body.parameters())}  # fmt: skip
-        _set_size(model, *flops_size)
-        row["flops"] = count_flops(model, (3, *flops_size)).total
-        row["backbone_flops"] = backbone_flops(model.backbone.body, flops_size)
-        row["flops_size"] = list(flops_size)
-        model.to(dev)
-        row["latency_ms"] = {}
-        for height, width in latency_sizes:
-            _set_size(model, height, width)
-            x = [torch.rand(3, height, width, device=dev)]
-
-            def run(model=model, x=x):
-                with torch.no_grad():
-                    model(x)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-
-            row["latency_ms"][f"{height}x{width}"] = median_ms(
-                run, warmup=1, min_reps=3, max_reps=20, budget_s=budget_s
-            )
-        row["device"] = (
-            torch.cuda.get_device_name(dev)
-            if dev.type == "cuda"
-            else f"cpu ({torch.get_num_threads()} threads)"
-        )
-        rows.append(row)
-    return rows

@@ -91,6 +91,53 @@ def _create(
         raise ValueError(f"model {name!r} rejects the model kwargs {kwargs}: {err}") from err
 
 
+def _build_settings(
+    name: str,
+    path: Path | None,
+    state: dict[str, torch.Tensor] | None,
+    meta: dict[str, Any],
+    kwargs: dict[str, Any],
+    num_classes: int | None,
+    in_chans: int | None,
+    img_size: int | None,
+) -> tuple[dict[str, Any], int | None, int | None, int | None]:
+    """(kwargs, num_classes, in_chans, build size) from a training checkpoint's fields, else the arguments'."""
+    if meta:
+        if meta["model_name"] != name:
+            raise ValueError(
+                f"checkpoint {path} is a checkpoint of {quote(meta['model_name'])}, not {name!r}"
+            )
+        trained = (meta["num_classes"], meta["in_chans"])
+        given = (num_classes or trained[0], in_chans or trained[1])
+        if given != trained:
+            raise ValueError(
+                f"checkpoint {path} was trained for {trained[0]} classes / {trained[1]} channels, not {given}"
+            )
+        return {**meta["model_kwargs"], **kwargs}, trained[0], trained[1], meta["img_size"]
+    if state is not None and num_classes is None and "head.weight" in state and state["head.weight"].dim():
+        num_classes = int(state["head.weight"].shape[0])
+    return kwargs, num_classes, in_chans, img_size
+
+
+def _load_weights(
+    model: nn.Module, name: str, path: Path, state: dict[str, torch.Tensor], trained: bool, use_ema: bool
+) -> None:
+    """Load a training checkpoint's ``state`` (``trained``) or the official / safetensors file at ``path``."""
+    try:
+        if trained:
+            model.load_state_dict(state)
+        elif _is_zoo_model(model):
+            model.load_pretrained(str(path), use_ema=use_ema)  # official layout -> resampled biases
+        else:
+            load_pretrained(model, path, use_ema=use_ema)
+    except RuntimeError as err:
+        detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+        raise ValueError(
+            f"checkpoint {path} does not fit model {name!r} ({detail[:200]}); pass the matching "
+            "model_kwargs / num_classes / in_chans"
+        ) from err
+
+
 def load_model(
     name: str,
     checkpoint: str | os.PathLike | None = None,
@@ -129,47 +176,15 @@ def load_model(
     path = None if checkpoint is None else Path(checkpoint)
     if path is not None:
         state, meta = read_checkpoint(path, use_ema)
-    if meta:
-        if meta["model_name"] != name:
-            raise ValueError(
-                f"checkpoint {path} is a checkpoint of {quote(meta['model_name'])}, not {name!r}"
-            )
-        kwargs = {**meta["model_kwargs"], **kwargs}
-        trained = (meta["num_classes"], meta["in_chans"])
-        given = (num_classes or trained[0], in_chans or trained[1])
-        if given != trained:
-            raise ValueError(
-                f"checkpoint {path} was trained for {trained[0]} classes / {trained[1]} channels, not {given}"
-            )
-        num_classes, in_chans = trained
-        build_size = meta["img_size"]
-    else:
-        if (
-            state is not None
-            and num_classes is None
-            and "head.weight" in state
-            and state["head.weight"].dim()
-        ):
-            num_classes = int(state["head.weight"].shape[0])
-        build_size = img_size
+    kwargs, num_classes, in_chans, build_size = _build_settings(
+        name, path, state, meta, kwargs, num_classes, in_chans, img_size
+    )
     args = (name, num_classes or 1000, in_chans or 3, build_size, kwargs)
     if meta:  # the file's fields may describe a model far larger than its weights
         check_model_fits_weights(lambda: _create(*args), state, f"checkpoint {path}")
     model = _create(*args)
     if path is not None and state is not None:
-        try:
-            if meta:
-                model.load_state_dict(state)
-            elif _is_zoo_model(model):
-                model.load_pretrained(str(path), use_ema=use_ema)  # official layout -> resampled biases
-            else:
-                load_pretrained(model, path, use_ema=use_ema)
-        except RuntimeError as err:
-            detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
-            raise ValueError(
-                f"checkpoint {path} does not fit model {name!r} ({detail[:200]}); pass the matching "
-                "model_kwargs / num_classes / in_chans"
-            ) from err
+        _load_weights(model, name, path, state, bool(meta), use_ema)
     model.eval()
     cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]
     spec = ModelSpec(

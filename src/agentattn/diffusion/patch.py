@@ -188,12 +188,7 @@ def apply_patch(
         ValueError: a ratio outside [0, 1), a bad option, no ``BasicTransformerBlock``, or no block selected.
     """
     unet = _unet_of(pipe_or_unet)
-    levels = _level_blocks(unet)
-    if not levels:
-        raise ValueError(
-            f"{type(unet).__name__} has no diffusers BasicTransformerBlock: AgentSD patches the self-attention "
-            "of SD 1.x, 2.x and SDXL UNets"
-        )
+    levels = _patchable_levels(unet)
     top = min(ds for _, ds in levels)
     cfg = AgentSDConfig(
         ratio,
@@ -210,17 +205,44 @@ def apply_patch(
         merge_mlp,
     )
     check_config(cfg)
+    selected = _selected_blocks(levels, cfg)
+    remove_patch(unet)
+    state = _PatchState(cfg)
+    _hook_unet(state, unet)
+    for block, ds in selected:
+        _patch_block(state, block, ds)
+    setattr(unet, _STATE_ATTR, state)
+    return pipe_or_unet
+
+
+def _patchable_levels(unet: nn.Module) -> list[tuple[BasicTransformerBlock, int]]:
+    """:func:`_level_blocks` of ``unet``; ValueError when it has no BasicTransformerBlock to patch."""
+    levels = _level_blocks(unet)
+    if not levels:
+        raise ValueError(
+            f"{type(unet).__name__} has no diffusers BasicTransformerBlock: AgentSD patches the self-attention "
+            "of SD 1.x, 2.x and SDXL UNets"
+        )
+    return levels
+
+
+def _selected_blocks(
+    levels: list[tuple[BasicTransformerBlock, int]], cfg: AgentSDConfig
+) -> list[tuple[BasicTransformerBlock, int]]:
+    """The (block, downsampling) pairs of ``levels`` that ``cfg`` patches; ValueError when none or unpatchable."""
     selected = [(b, ds) for b, ds in levels if ds <= cfg.max_downsample]
     if not selected:
         raise ValueError(
             f"max_downsample={cfg.max_downsample} selects no transformer block: this UNet's attention levels "
             f"are downsampled {sorted({ds for _, ds in levels})} (use max_downsample=None for the top one)"
         )
-    if merge_mlp and any(b._chunk_size is not None for b, _ in selected):
+    if cfg.merge_mlp and any(b._chunk_size is not None for b, _ in selected):
         raise ValueError("merge_mlp does not work with chunked feed-forward (disable_forward_chunking first)")
+    return selected
 
-    remove_patch(unet)
-    state = _PatchState(cfg)
+
+def _hook_unet(state: _PatchState, unet: nn.Module) -> None:
+    """Record the latent size H×W of each UNet call in ``state.size`` (None once the processors were replaced)."""
 
     def record_size(module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
@@ -229,22 +251,26 @@ def apply_patch(
             state.size = None
 
     state.handles.append(unet.register_forward_pre_hook(record_size, with_kwargs=True))
-    for block, ds in selected:
-        bs = BlockState(ds)
-        state.blocks.append(bs)
-        _hook_block(state, block, bs)
-        targets = [(block.attn1, True)] if merge_attn else []
-        if merge_crossattn and block.attn2 is not None:
-            targets.append((block.attn2, False))
-        for attn, use_agents in targets:
-            proc = AgentSDAttnProcessor(attn.processor, bs, use_agents, k_scale2, k_shortcut, attn_precision)
-            attn.set_processor(proc)
-            state.processors.append(proc)
-            state.installed.append((attn, proc))
-        if merge_mlp:
-            _hook_ff(state, block.ff, bs)
-    setattr(unet, _STATE_ATTR, state)
-    return pipe_or_unet
+
+
+def _patch_block(state: _PatchState, block: BasicTransformerBlock, ds: int) -> None:
+    """Hook ``block`` (at downsampling ``ds``) and wrap its attention processors as ``state.config`` says."""
+    cfg = state.config
+    bs = BlockState(ds)
+    state.blocks.append(bs)
+    _hook_block(state, block, bs)
+    targets = [(block.attn1, True)] if cfg.merge_attn else []
+    if cfg.merge_crossattn and block.attn2 is not None:
+        targets.append((block.attn2, False))
+    for attn, use_agents in targets:
+        proc = AgentSDAttnProcessor(
+            attn.processor, bs, use_agents, cfg.k_scale2, cfg.k_shortcut, cfg.attn_precision
+        )
+        attn.set_processor(proc)
+        state.processors.append(proc)
+        state.installed.append((attn, proc))
+    if cfg.merge_mlp:
+        _hook_ff(state, block.ff, bs)
 
 
 def _hook_block(state: _PatchState, block: nn.Module, bs: BlockState) -> None:

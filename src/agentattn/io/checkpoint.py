@@ -28,15 +28,13 @@ from torch import nn
 
 from .atomic import atomic_open, atomic_path
 from .quote import quote
+from .storages import _PLAIN_DTYPES, _Storage, _ViewBudget
 from .unpickle import (
-    _PLAIN_DTYPES,
     PickledObject,
     UnsafeCheckpointError,
     _plain_unpickle,
     _RestrictedUnpickler,
-    _Storage,
     _StorageType,
-    _ViewBudget,
 )
 
 __all__ = [

@@ -10,13 +10,13 @@ not allow-listed) and ``weights_only=False`` runs whatever the pickle says. The 
 - raises :class:`UnsafeCheckpointError` on a call to anything that is not allow-listed (``os.system``,
   ``builtins.eval``, a placeholder class, ...); nothing named by the file is ever called unless allow-listed.
 
-The file formats around it (zip archive, legacy pickle) are read in :mod:`agentattn.io.checkpoint`.
+The file formats around it (zip archive, legacy pickle) are read in :mod:`agentattn.io.checkpoint`; the
+storages and the allow-listed functions that rebuild tensors from them are :mod:`agentattn.io.storages`.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import pickle
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -25,6 +25,13 @@ import torch
 from torch import nn
 
 from .quote import quote
+from .storages import (
+    _rebuild_parameter,
+    _rebuild_parameter_with_state,
+    _rebuild_tensor,
+    _rebuild_tensor_v2,
+    _rebuild_tensor_v3,
+)
 
 __all__ = ["PickledObject", "UnsafeCheckpointError"]
 
@@ -95,62 +102,7 @@ def _new_placeholder(cls: type[PickledObject], args: tuple) -> PickledObject:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Storages and the allow-listed rebuild functions (our own code, not torch's: nothing from the file is called).
-
-
-# Views may overlap (``expand``ed buffers are saved with stride 0), but a copy of them must not turn a small
-# file into a huge tensor: the bytes that views hold beyond their storages are capped per file.
-MAX_VIEW_EXCESS_BYTES = 16 * 2**20
-
-
-class _ViewBudget:
-    def __init__(self) -> None:
-        self.excess = 0
-
-    def charge(self, extra: int) -> None:
-        if extra > 0:
-            self.excess += extra
-            if self.excess > MAX_VIEW_EXCESS_BYTES:
-                raise ValueError(
-                    f"tensors are views that repeat their storages' bytes ({self.excess:,} bytes beyond what the "
-                    f"storages hold; at most {MAX_VIEW_EXCESS_BYTES:,} is allowed)"
-                )
-
-
-class _Storage:
-    """Raw bytes of one saved storage with the dtype its type names (uint8 for ``UntypedStorage``)."""
-
-    def __init__(
-        self,
-        raw: torch.Tensor,
-        dtype: torch.dtype,
-        swap_bytes: bool = False,
-        budget: _ViewBudget | None = None,
-    ) -> None:
-        self.raw = raw  # 1-D uint8
-        self.dtype = dtype
-        self.swap_bytes = swap_bytes
-        self.budget = budget if budget is not None else _ViewBudget()
-        self._views: dict[torch.dtype, torch.Tensor] = {}
-
-    def charge_view(self, nbytes: int) -> None:
-        """Count a view's bytes beyond its storage's (stride-0 or overlapping views) against the file's budget."""
-        self.budget.charge(nbytes - self.raw.numel())
-
-    def typed(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._views:
-            size = dtype.itemsize
-            if self.raw.numel() % size:
-                raise ValueError(
-                    f"storage of {self.raw.numel()} bytes is not a whole number of {dtype} elements"
-                )
-            raw = self.raw
-            if self.swap_bytes and size > 1:
-                # Big-endian file: reverse the bytes of each element (each half of a complex number).
-                unit = size // 2 if dtype.is_complex else size
-                raw = raw.view(-1, unit).flip(-1).reshape(-1)
-            self._views[dtype] = raw.view(dtype)
-        return self._views[dtype]
+# Storage types and the allow-listed callables (our own code, not torch's: nothing from the file is called).
 
 
 _STORAGE_DTYPES = {
@@ -176,64 +128,6 @@ class _StorageType:
     def __init__(self, name: str, dtype: torch.dtype) -> None:
         self.name = name
         self.dtype = dtype
-
-
-def _rebuild(
-    storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    if not isinstance(storage, _Storage):
-        raise ValueError(f"tensor rebuilt from {type(storage).__name__}, not from a saved storage")
-    flat = storage.typed(dtype if dtype is not None else storage.dtype)
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if len(size) != len(stride) or any(s < 0 for s in size + stride) or int(offset) < 0:
-        raise ValueError(f"invalid tensor layout: size {size}, stride {stride}, offset {offset}")
-    if all(size):
-        extent = int(offset) + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-        if extent > flat.numel():
-            raise ValueError(
-                f"tensor of size {quote(size)} needs {extent} elements, its storage has {flat.numel()}"
-            )
-        storage.charge_view(math.prod(size) * flat.element_size())
-        return torch.as_strided(flat, size, stride, int(offset))
-    return flat.new_zeros(size)
-
-
-def _apply_metadata(tensor: torch.Tensor, metadata: Any) -> torch.Tensor:
-    if metadata:
-        # Only the conj/neg bits exist; anything else is not a torch.save file.
-        if not isinstance(metadata, dict) or not set(metadata) <= {"conj", "neg"}:
-            raise ValueError(f"unknown tensor metadata {quote(metadata)}")
-        torch._utils.set_tensor_metadata(tensor, {k: bool(v) for k, v in metadata.items()})
-    return tensor
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _rebuild(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    return _apply_metadata(_rebuild(storage, storage_offset, size, stride), metadata)
-
-
-def _rebuild_tensor_v3(
-    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
-):
-    if not isinstance(dtype, torch.dtype) or dtype not in _PLAIN_DTYPES:
-        raise ValueError(
-            f"_rebuild_tensor_v3 given dtype {quote(dtype)} (only plain, non-quantized dtypes load)"
-        )
-    return _apply_metadata(_rebuild(storage, storage_offset, size, stride, dtype), metadata)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks):
-    if not isinstance(data, torch.Tensor):
-        raise ValueError("parameter rebuilt from a non-tensor")
-    return nn.Parameter(data, requires_grad=bool(requires_grad))
-
-
-def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
-    # Python attributes set on a parameter are not weights: dropped.
-    return _rebuild_parameter(data, requires_grad, backward_hooks)
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
@@ -310,11 +204,6 @@ def _plain(cls: type) -> Callable:
     return build
 
 
-_PLAIN_DTYPES = {
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool, torch.complex128, torch.complex64,
-    *(getattr(torch, n) for n in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)),
-}  # fmt: skip
 _SAFE_REBUILDERS = {_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter}
 
 # (module, name) -> the object the unpickler hands back. Callables here are the only things REDUCE may call.

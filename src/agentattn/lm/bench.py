@@ -111,9 +111,13 @@ def _decode_state(model: AgentLM, context: int) -> list[Any]:
         else:
             mixer = block.attn
             k = torch.randn(1, cfg.n_heads, context, hd)
+            window_k = (
+                torch.randn_like(k) if cfg.window_positions == "rope" else None
+            )  # rotary keys' stand-in
             st = causal_agent_prefill(
-                k, torch.randn_like(k), mixer.agents, mixer.log_decay.exp(), chunk_size=cfg.chunk_size
-            )
+                k, torch.randn_like(k), mixer.agents, mixer.log_decay.exp(), chunk_size=cfg.chunk_size,
+                window_k=window_k,
+            )  # fmt: skip
             conv = torch.randn(1, cfg.conv_kernel - 1, cfg.d_model) if cfg.conv_kernel else None
             states.append(MixerState(st, conv))
     return states
@@ -196,7 +200,9 @@ def run_benchmark(
             "torch": torch.__version__,
             "machine": platform.processor() or platform.machine(),
             "agent_config": {
-                k: v for k, v in asdict(agent_cfg).items() if k in ("num_agents", "chunk_size", "conv_kernel")
+                k: v
+                for k, v in asdict(agent_cfg).items()
+                if k in ("agent_num", "chunk_size", "conv_kernel", "window_positions")
             },
         },
         "layer_forward": layer_rows,

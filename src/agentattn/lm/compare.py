@@ -23,12 +23,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..io import atomic_write_text, lock_run_directory
+from ..io import lock_run_directory
 from ..train.record_checks import prepare_output
 from .bench import crossover, layer_forward
+from .compare_report import _write_outputs, render_report, write_compare_section
 from .data import ByteCorpus, random_batch
 from .model import ATTN_TYPES, AgentLM, AgentLMConfig
 from .train import RUN_FILES, LMTrainConfig, evaluate_bpb, train_lm
+
+# The report's rendering lives in compare_report; its public names stay importable from here.
+__all__ = [
+    "COMPARE_FILES",
+    "EVAL_SPLITS",
+    "PARAM_TOLERANCE",
+    "check_param_parity",
+    "merge_compare",
+    "render_report",
+    "run_compare",
+    "run_name",
+    "write_compare_section",
+]
 
 PARAM_TOLERANCE = 0.02
 # The files a comparison writes: what overwrite removes, and nothing else (the twins' runs for every attention).
@@ -52,66 +66,9 @@ def run_name(attn_type: str, conv_kernel: int, seed: int, several_convs: bool, s
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     mean = sum(values) / len(values)
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-
-
-def _plot_losses(results: dict[str, dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, res in results.items():
-        hist = res["history"]
-        tokens = [r["tokens"] / 1e6 for r in hist]
-        # smoothed train curve (moving average over 20 steps)
-        raw = [r["train_bpb"] for r in hist]
-        smooth = [
-            sum(raw[max(0, i - 19) : i + 1]) / len(raw[max(0, i - 19) : i + 1]) for i in range(len(raw))
-        ]
-        axes[0].plot(tokens, smooth, label=name)
-        val = [(r["tokens"] / 1e6, r["val_bpb"]) for r in hist if "val_bpb" in r]
-        axes[1].plot([a for a, _ in val], [b for _, b in val], marker="o", label=name)
-    for ax, title in zip(axes, ("train bpb (20-step mean)", "val bpb (subset)"), strict=True):
-        ax.set_xlabel("training tokens (M)")
-        ax.set_ylabel("bits per byte")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    from ..report.figures import save_figure  # after the matplotlib check: it imports pyplot
-
-    save_figure(fig, path, dpi=110)
-    return True
-
-
-def _plot_speed(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    contexts = [r["context"] for r in rows]
-    for name in (n for n in ATTN_TYPES if f"{n}_ms" in rows[0]):
-        ax.plot(contexts, [r[f"{name}_ms"] for r in rows], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length T")
-    ax.set_ylabel("one-layer forward (ms, batch 1)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    from ..report.figures import save_figure  # after the matplotlib check: it imports pyplot
-
-    save_figure(fig, path, dpi=110)
-    return True
 
 
 def check_param_parity(params: dict[str, int], tolerance: float = PARAM_TOLERANCE) -> float:
@@ -212,7 +169,7 @@ def run_compare(
     files = (*COMPARE_FILES, *(f"{n}/{f}" for n in names for f in RUN_FILES))
     out_dir = Path(out_dir)
     with lock_run_directory(out_dir):  # for the run's whole life
-        prepare_output(out_dir, files, overwrite, "--output")
+        prepare_output(out_dir, files, overwrite)
         return _run_compare(corpus, model_cfg, train_cfg, out_dir, speed_contexts, attn_types, log, command,
                             speed_budget_s, time_budget_s, progress, seeds, convs, multiples)  # fmt: skip
 
@@ -233,6 +190,7 @@ def _run_compare(
     convs: tuple[int, ...],
     multiples: tuple[int, ...],
 ) -> dict[str, Any]:
+    """The body of :func:`run_compare`, in the locked and prepared ``out_dir``."""
     start = time.perf_counter()
     max_len = train_cfg.seq_len * max(multiples)
     configs = {
@@ -240,14 +198,7 @@ def _run_compare(
         for k in convs
         for t in attn_types
     }
-    params = {
-        run_name(t, k, 0, len(convs) > 1, False): AgentLM(c).num_params() for (t, k), c in configs.items()
-    }
-    parity = 0.0
-    if "softmax" in attn_types:
-        for k in convs:
-            group = {t: params[run_name(t, k, 0, len(convs) > 1, False)] for t in attn_types}
-            parity = max(parity, check_param_parity(group))
+    params, parity = _twin_params(configs, attn_types, convs)
     requested_steps = train_cfg.steps
     if time_budget_s:
         every_run = {f"{key}-{s}": c for key, c in configs.items() for s in seeds}
@@ -269,28 +220,10 @@ def _run_compare(
                 result = train_lm(
                     model, corpus, replace(train_cfg, seed=seed), out_dir / name, log, progress=progress
                 )
-                evals = {}
-                for split in EVAL_SPLITS:
-                    for m in multiples:
-                        if split == "val" and m == 1:
-                            evals["val@1x"] = result["val_bpb"]  # train_lm's final eval: the same windows
-                            continue
-                        tokens = corpus.split(split)
-                        evals[f"{split}@{m}x"] = evaluate_bpb(
-                            model, tokens, train_cfg.seq_len * m, batch_size=8
-                        )
+                evals = _evaluate_run(model, corpus, result["val_bpb"], train_cfg.seq_len, multiples)
                 log(f"   {name}: " + "  ".join(f"{key} {v:.4f}" for key, v in evals.items()))
                 results[name] = {**result, "attn_type": t, "conv_kernel": k, "seed": seed, "eval": evals}
-    speed_rows: list[dict[str, Any]] = []
-    if speed_contexts:
-        log(f"== speed vs context {speed_contexts}")
-        speed_rows = layer_forward(
-            speed_contexts,
-            model_cfg.get("d_model", 128),
-            model_cfg.get("n_heads", 4),
-            budget_s=speed_budget_s,
-            **{k: model_cfg[k] for k in ("num_agents", "chunk_size", "conv_kernel") if k in model_cfg},
-        )
+    speed_rows = _speed_rows(speed_contexts, model_cfg, speed_budget_s, log)
     summary = {
         "data": corpus.source,
         "command": command,
@@ -312,6 +245,53 @@ def _run_compare(
     _write_outputs(out_dir, summary, results)
     log(f"report: {out_dir / 'report.md'} ({summary['wall_time_s'] / 60:.1f} min)")
     return summary
+
+
+def _twin_params(
+    configs: dict[tuple[str, int], AgentLMConfig], attn_types: tuple[str, ...], convs: tuple[int, ...]
+) -> tuple[dict[str, int], float]:
+    """Parameter count of every (mixer, conv) twin and the largest deviation from the softmax twin (checked)."""
+    params = {
+        run_name(t, k, 0, len(convs) > 1, False): AgentLM(c).num_params() for (t, k), c in configs.items()
+    }
+    parity = 0.0
+    if "softmax" in attn_types:
+        for k in convs:
+            group = {t: params[run_name(t, k, 0, len(convs) > 1, False)] for t in attn_types}
+            parity = max(parity, check_param_parity(group))
+    return params, parity
+
+
+def _evaluate_run(
+    model: AgentLM, corpus: ByteCorpus, val_bpb: float, seq_len: int, multiples: tuple[int, ...]
+) -> dict[str, float]:
+    """Bits per byte of one trained run on the whole val and test splits at every context multiple."""
+    evals = {}
+    for split in EVAL_SPLITS:
+        for m in multiples:
+            if split == "val" and m == 1:
+                evals["val@1x"] = val_bpb  # train_lm's final eval: the same windows
+                continue
+            tokens = corpus.split(split)
+            evals[f"{split}@{m}x"] = evaluate_bpb(model, tokens, seq_len * m, batch_size=8)
+    return evals
+
+
+def _speed_rows(
+    speed_contexts: list[int], model_cfg: dict[str, Any], speed_budget_s: float, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """One-layer forward time of every mixer at each context (none without ``speed_contexts``)."""
+    speed_rows: list[dict[str, Any]] = []
+    if speed_contexts:
+        log(f"== speed vs context {speed_contexts}")
+        speed_rows = layer_forward(
+            speed_contexts,
+            model_cfg.get("d_model", 128),
+            model_cfg.get("n_heads", 4),
+            budget_s=speed_budget_s,
+            **{k: model_cfg[k] for k in ("agent_num", "chunk_size", "conv_kernel") if k in model_cfg},
+        )
+    return speed_rows
 
 
 def _run_tables(
@@ -338,20 +318,6 @@ def _run_tables(
             out["agent_over_softmax"] <= 1.0 and all(mean["agent"] < mean[t] for t in baselines)
         )
     return out
-
-
-def _write_outputs(out_dir: Path, summary: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
-    """results.json (the summary and every run's loss history), report.md, and the figures."""
-    first_seed = {n: r for n, r in results.items() if r["seed"] == summary["seeds"][0]}
-    # Merged results may come without their loss histories (results.json files stripped of them): no figure then.
-    has_loss_png = all(r["history"] for r in first_seed.values()) and _plot_losses(
-        first_seed, out_dir / "loss_curves.png"
-    )
-    speed_rows = summary["speed"]
-    has_speed_png = bool(speed_rows) and _plot_speed(speed_rows, out_dir / "speed_vs_context.png")
-    atomic_write_text(out_dir / "results.json", json.dumps(
-        {**summary, "history": {n: r["history"] for n, r in results.items()}}, indent=1))  # fmt: skip
-    atomic_write_text(out_dir / "report.md", render_report(summary, has_loss_png, has_speed_png))
 
 
 # What must agree between comparisons that are merged (the seed is what differs).
@@ -422,12 +388,13 @@ def merge_compare(
     )
     out_dir = Path(out_dir)
     with lock_run_directory(out_dir):
-        prepare_output(out_dir, COMPARE_FILES, overwrite, "--output")
+        prepare_output(out_dir, COMPARE_FILES, overwrite)
         _write_outputs(out_dir, summary, results)
     return summary
 
 
 def _without_seed(train_config: dict[str, Any]) -> dict[str, Any]:
+    """``train_config`` without its seed: what merged comparisons must share."""
     return {k: v for k, v in train_config.items() if k != "seed"}
 
 
@@ -486,88 +453,3 @@ def _load_results(path: Path) -> dict[str, Any]:
             f"{path}: 'history' must map each run to a list of {{tokens, train_bpb, ...}} points"
         )
     return data
-
-
-def write_compare_section(path: str | Path, summary: dict[str, Any], environment: dict[str, Any]) -> None:
-    """The comparison as a ``bench report`` section (rendered into BENCHMARKS.md): the report's tables, titled by
-    what was compared. ``summary`` is what :func:`run_compare` returns (``results.json`` without ``history``)."""
-    from ..bench.section import write_section
-
-    seeds, convs = summary["seeds"], summary["conv_kernels"]
-    title = (
-        f"Language modelling quality: {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, causal conv "
-        f"{' / '.join(str(k) for k in convs)}, contexts {' / '.join(f'{m}x' for m in summary['context_multiples'])}"
-    )
-    body = render_report(summary, False, False).split("\n", 2)[2]  # without the report's own title
-    write_section(path, title, summary.get("command") or "agentattn lm compare", environment, body)
-
-
-def render_report(s: dict[str, Any], loss_png: bool, speed_png: bool) -> str:
-    mc, tc = s["model_config"], s["train_config"]
-    seeds, convs = s.get("seeds", [tc["seed"]]), s.get("conv_kernels", [mc.get("conv_kernel", 4)])
-    lines = [
-        "# Causal agent attention against softmax (Transformer++), linear and retention twins (byte-level LM)",
-        "",
-        f"Data: `{s['data']}`, 90/5/5 contiguous split; bits per byte over the whole validation and test splits "
-        f"(non-overlapping windows of {tc['seq_len']} bytes, and of {', '.join(f'{m}×' for m in s.get('context_multiples', [1]))} "
-        "that length).",
-        f"Model: d_model {mc.get('d_model', 128)}, {mc.get('n_layers', 4)} layers, {mc.get('n_heads', 4)} heads, "
-        f"RMSNorm; softmax positions: {mc.get('positions', 'rope')}; agent: {mc.get('num_agents', 16)} agents, "
-        f"chunk {mc.get('chunk_size', 32)}; causal conv kernels compared: {convs} (0 = off).",
-        f"Training: {tc['steps']} steps × {tc['batch_size']} × {tc['seq_len']} bytes, AdamW lr {tc['lr']}, "
-        f"seeds {seeds}; {s['threads']} threads; wall time {s['wall_time_s'] / 60:.1f} min.",
-    ]
-    if s.get("time_budget_s") and s.get("requested_steps") != tc["steps"]:
-        lines.append(
-            f"The step count was capped from {s['requested_steps']} to {tc['steps']} (the same for every run) "
-            f"to fit the {s['time_budget_s'] / 60:.0f}-minute budget, from timed steps on this machine."
-        )
-    if s.get("command"):
-        lines += ["", f"Command: `{s['command']}`"]
-    table = s.get("table", {})
-    if table:
-        keys = list(next(iter(table.values())))
-        spread = "mean ± standard deviation over the seeds" if len(seeds) > 1 else "one seed"
-        lines += ["", f"## Bits per byte ({spread})", "", "| mixer | conv | " + " | ".join(keys) + " |",
-                  "|---|---:|" + "---:|" * len(keys)]  # fmt: skip
-        for row_key, row in table.items():
-            mixer, conv = row_key.split("|")
-            cells = [f"{m:.4f} ± {sd:.4f}" if len(seeds) > 1 else f"{m:.4f}" for m, sd in row.values()]
-            lines.append(f"| {mixer} | {conv} | " + " | ".join(cells) + " |")
-    lines += ["", "## Runs", "", "| run | params | training tokens | val bpb | train time (s) |",
-              "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for name, bpb in s["val_bpb"].items():
-        base = name.split("-seed")[0]
-        lines.append(
-            f"| {name} | {s['params'].get(base, 0):,} | {s['tokens'][name]:,} | {bpb:.4f} | "
-            f"{s['train_time_s'][name]:.0f} |"
-        )
-    lines.append("")
-    lines.append(f"Parameter counts agree within {s['param_max_deviation']:.2%} of the softmax twin.")
-    if "agent_over_softmax" in s:
-        lines += [
-            f"Agent / softmax (Transformer++) val bpb at 1× context, conv {convs[0]}, mean over the seeds: "
-            f"**{s['agent_over_softmax']:.4f}** (goal ≤ 1.00, with the agent below the linear and retention "
-            f"twins): **{'met' if s['quality_pass'] else 'not met'}**.",
-        ]
-    if loss_png:
-        lines += ["", "![loss curves](loss_curves.png)"]
-    if s["speed"]:
-        lines += [
-            "",
-            "## One-layer forward time vs context (batch 1, fp32, CPU, inference mode)",
-            "",
-            "| T | agent (ms) | softmax SDPA (ms) | linear (ms) | softmax / agent |",
-            "|---:|---:|---:|---:|---:|",
-        ]
-        for r in s["speed"]:
-            lines.append(
-                f"| {r['context']} | {r['agent_ms']:.2f} | {r['softmax_ms']:.2f} | {r['linear_ms']:.2f} | "
-                f"{r['agent_speedup_vs_softmax']:.2f}× |"
-            )
-        cross = s["speed_crossover_context"]
-        lines += ["", f"Crossover (agent layer faster than softmax from): "
-                  f"{f'T ≈ {round(cross)}' if cross else 'not reached in this grid'}."]  # fmt: skip
-        if speed_png:
-            lines += ["", "![speed vs context](speed_vs_context.png)"]
-    return "\n".join(lines) + "\n"

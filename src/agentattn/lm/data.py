@@ -38,7 +38,7 @@ def extract_kjv(cache_dir: str | Path | None = None) -> bytes:
     if exe is None:
         raise FileNotFoundError(
             "the KJV corpus needs the `bible` program from the Debian package bible-kjv "
-            "(sudo apt-get install bible-kjv), or pass --data textfile:PATH"
+            "(sudo apt-get install bible-kjv), or use data='textfile:PATH'"
         )
     try:
         proc = subprocess.run([exe, *KJV_COMMAND[1:]], capture_output=True, check=True, timeout=300)
@@ -58,14 +58,14 @@ def load_text_bytes(spec: str, cache_dir: str | Path | None = None) -> bytes:
     if spec.startswith("textfile:"):
         path = Path(spec.split(":", 1)[1]).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--data textfile: {path} does not exist")
+            raise FileNotFoundError(f"data {spec!r}: {path} does not exist")
         data = path.read_bytes()
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"--data textfile: {path} is not UTF-8 ({err})") from None
+            raise ValueError(f"data {spec!r}: {path} is not UTF-8 ({err})") from None
         return data
-    raise ValueError(f"--data must be 'kjv' or 'textfile:PATH', got {spec!r}")
+    raise ValueError(f"data must be 'kjv' or 'textfile:PATH', got {spec!r}")
 
 
 @dataclass

@@ -32,12 +32,14 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("agentattn.lm.hf needs transformers: pip install 'agentattn[diffusion]'") from e
 
+from .config import SAVED_BEFORE_DEFAULTS
 from .model import AgentLM, AgentLMConfig
 
 __all__ = ["AgentLMCausalLMOutput", "AgentLMForCausalLM", "AgentLMHFConfig"]
 
 MODEL_TYPE = "agentattn_lm"
 _LM_FIELDS = tuple(f.name for f in fields(AgentLMConfig))
+_LM_OLD_NAMES = ("num_agents",)  # saved config.json files may carry agent_num under its old name
 
 
 class AgentLMHFConfig(PretrainedConfig):
@@ -46,12 +48,17 @@ class AgentLMHFConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
     def __init__(self, attn_type: str = "agent", **kwargs: Any) -> None:
-        lm_kwargs = {name: kwargs.pop(name) for name in _LM_FIELDS if name in kwargs}
+        lm_kwargs = {name: kwargs.pop(name) for name in (*_LM_FIELDS, *_LM_OLD_NAMES) if name in kwargs}
         lm = AgentLMConfig(attn_type=attn_type, **lm_kwargs)  # ValueError naming a bad field
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
         for name, value in asdict(lm).items():
             setattr(self, name, value)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """A saved ``config.json``: one written before a field's default changed reads as it was trained."""
+        return super().from_dict({**SAVED_BEFORE_DEFAULTS, **config_dict}, **kwargs)
 
     def to_lm_config(self) -> AgentLMConfig:
         """The :class:`~agentattn.lm.AgentLMConfig` this config describes."""

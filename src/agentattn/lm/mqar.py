@@ -91,7 +91,7 @@ class MQARConfig:
     lr: float = 1e-3
     eval_examples: int = 1000
     seed: int = 0
-    model: dict[str, Any] = field(default_factory=dict)  # e.g. num_agents, chunk_size, conv_kernel, positions
+    model: dict[str, Any] = field(default_factory=dict)  # e.g. agent_num, chunk_size, conv_kernel, positions
     device: str = "cpu"  # the batches are drawn on the CPU (the same sequences on any device) and moved
 
 
@@ -147,7 +147,7 @@ def _label(row: dict[str, Any]) -> str:
     if row["attn_type"] != "agent":
         return row["attn_type"]
     m = row["model"]
-    return f"agent n={m.get('num_agents', 16)} C={m.get('chunk_size', 32)}"
+    return f"agent n={m.get('agent_num', m.get('num_agents', 16))} C={m.get('chunk_size', 32)}"
 
 
 def run_mqar(
@@ -164,7 +164,7 @@ def run_mqar(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for attn_type in attn_types:
-        variants = [{"num_agents": n, "chunk_size": c} for n, c in (agent_grid or [(16, 32)])]
+        variants = [{"agent_num": n, "chunk_size": c} for n, c in (agent_grid or [(16, 32)])]
         for extra in variants if attn_type == "agent" else [{}]:
             for d_model in d_models:
                 config = MQARConfig(**{**asdict(base), "attn_type": attn_type, "d_model": d_model,

@@ -150,7 +150,7 @@ def train_lm(
             out = Path(out_dir) if out_dir is not None and rank == 0 else None
             if out is not None:
                 stack.enter_context(lock_run_directory(out))  # for the run's whole life
-                prepare_output(out, RUN_FILES, overwrite, "--output")
+                prepare_output(out, RUN_FILES, overwrite)
             return _train_lm(
                 model, corpus, cfg, out, log if rank == 0 else None, progress and rank == 0, world_size, rank
             )
@@ -177,14 +177,7 @@ def _train_lm(
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "agents" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = _optimizer(model, cfg)
     metrics_file = None
     if out is not None:
         # An append-only log (a symlink is refused), closed in the finally below.
@@ -203,18 +196,7 @@ def _train_lm(
             lr = opt.param_groups[0]["lr"]
             x, y = random_batch(corpus.train, cfg.batch_size, cfg.seq_len, gen)
             x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
-            mean_loss = loss.detach().clone()
-            if world_size > 1:  # the logged loss is the global batch's; every rank sees the same, also a NaN
-                dist.all_reduce(mean_loss)
-                mean_loss /= world_size
-            if not torch.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
+            mean_loss = _train_step(train_model, opt, x, y, cfg.clip_grad, world_size, step)
             row: dict[str, float] = {
                 "step": step + 1,
                 "tokens": (step + 1) * cfg.batch_size * world_size * x.shape[1],
@@ -241,7 +223,46 @@ def _train_lm(
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
-    train_time = time.perf_counter() - start
+    return _finish(model, corpus, cfg, out, log, history, time.perf_counter() - start, world_size)
+
+
+def _optimizer(model: AgentLM, cfg: LMTrainConfig) -> torch.optim.AdamW:
+    """AdamW (β2 0.95) with weight decay on the matrices but not on the agents, norms, biases and decays."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "agents" not in name else no_decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def _train_step(
+    train_model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    clip_grad: float, world_size: int, step: int,
+) -> torch.Tensor:  # fmt: skip
+    """One optimiser step on the batch x, y (B, T); returns the batch's mean loss (over every rank's batch)."""
+    loss = F.cross_entropy(train_model(x).float().flatten(0, 1), y.flatten())
+    mean_loss = loss.detach().clone()
+    if world_size > 1:  # the logged loss is the global batch's; every rank sees the same, also a NaN
+        dist.all_reduce(mean_loss)
+        mean_loss /= world_size
+    if not torch.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss.item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(train_model.parameters(), clip_grad)
+    opt.step()
+    return mean_loss
+
+
+def _finish(
+    model: AgentLM, corpus: ByteCorpus, cfg: LMTrainConfig, out: Path | None, log: Callable[[str], None] | None,
+    history: list[dict[str, float]], train_time: float, world_size: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Bits per byte on the whole validation split; the result dict, and model.safetensors + result.json."""
     val_bpb = evaluate_bpb(model, corpus.val, cfg.seq_len, batch_size=32)  # whole split; bigger batches
     result = {
         "attn_type": model.config.attn_type,

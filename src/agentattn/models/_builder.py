@@ -4,6 +4,7 @@ of per-stage arguments."""
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -261,3 +262,100 @@ def per_stage(name: str, value: Any, count: int, *, unit: str = "stage", pairs: 
             raise ValueError(f"{name} entries must be {kinds}, got {value!r}")
         out.append(number)
     return out
+
+
+ATTN_WORDS = {
+    "agent": "A",
+    "softmax": "B",
+    "linear": "L",
+}  # the LM's names; 'B' is softmax in the official code
+
+
+def _attn_letters(spec: str, depth: int, where: str) -> list[str] | None:
+    """One stage's (or the whole model's) blocks from a word, one letter, 'M<k>', letters per block or runs like
+    'A4B8'; None when ``spec`` is none of these forms."""
+    if spec.lower() in ATTN_WORDS:
+        return [ATTN_WORDS[spec.lower()]] * depth
+    if spec in ("A", "B", "L"):
+        return [spec] * depth
+    if re.fullmatch(r"M\d+", spec):
+        num_agent = int(spec[1:])
+        if num_agent > depth:
+            raise ValueError(f"attn_type {where} is {spec!r} but has only {depth} blocks")
+        return ["A"] * num_agent + ["B"] * (depth - num_agent)
+    if re.fullmatch(r"([ABL]\d+)+", spec):
+        letters = [c for c, n in re.findall(r"([ABL])(\d+)", spec) for _ in range(int(n))]
+    elif re.fullmatch(r"[ABL]+", spec):
+        letters = list(spec)
+    else:
+        return None
+    if len(letters) != depth:
+        raise ValueError(f"attn_type {where} is {spec!r}: {len(letters)} blocks, but it has {depth}")
+    return letters
+
+
+def parse_attn_type(attn_type: str | Sequence[str], depths: Sequence[int]) -> list[list[str]]:
+    """Per-block attention letters from ``attn_type``: one grammar for every family.
+
+    Letters: 'A' agent, 'B' softmax (the official name), 'L' linear; the words 'agent', 'softmax' and 'linear'
+    stand for them. A string is one of:
+
+    - a letter or word: every block (``'A'``, ``'softmax'``);
+    - one letter per stage, with 'M' stages and their agent-block count as trailing digits (the official
+      ``'AAAB'``, ``'AAMB2'``: M<k> = the first k blocks agent, the rest softmax);
+    - one letter per block (``'ABL'``), or runs over all blocks (the official DeiT form ``'A4B8'``).
+
+    A sequence gives one entry per stage, each in any of these forms for that stage's blocks (``['A', 'M1',
+    'AB', 'B']``).
+
+    Args:
+        attn_type: the spec. depths: blocks per stage (``[depth]`` for a one-stage model).
+    Returns:
+        ``kinds[stage][block]``, letters 'A', 'B' or 'L'.
+    Raises:
+        ValueError naming ``attn_type``, the forms and the stage or block counts.
+    """
+    depths = list(depths)
+    total = sum(depths)
+    forms = (
+        "a letter 'A' (agent), 'B' (softmax), 'L' (linear) or a word agent/softmax/linear; one letter per stage "
+        "('AAMB2' with M<k>); one per block; runs like 'A4B8'; or a sequence of per-stage entries"
+    )
+    if isinstance(attn_type, (list, tuple)):
+        if len(attn_type) != len(depths):
+            raise ValueError(
+                f"attn_type {attn_type!r} has {len(attn_type)} entries, but there are {len(depths)} stages"
+            )
+        kinds = []
+        for stage, (spec, depth) in enumerate(zip(attn_type, depths, strict=True)):
+            letters = _attn_letters(spec, depth, f"stage {stage}") if isinstance(spec, str) else None
+            if letters is None:
+                raise ValueError(f"attn_type stage {stage} is {spec!r}; expected {forms}")
+            kinds.append(letters)
+        return kinds
+    if not isinstance(attn_type, str) or not attn_type:
+        raise ValueError(f"attn_type must be {forms}; got {attn_type!r}")
+    if attn_type.lower() not in ATTN_WORDS:
+        attn_type = attn_type.upper()  # 'aaab' as the official configs' letters
+    if re.fullmatch(r"[ABL]+", attn_type) and len(attn_type) not in (1, len(depths), total):
+        raise ValueError(
+            f"attn_type {attn_type!r} has {len(attn_type)} letters: give one, one per stage ({len(depths)}) or one "
+            f"per block ({total})"
+        )
+    stagewise = re.fullmatch(r"([ABLM]+)(\d*)", attn_type)
+    if stagewise and ("M" in attn_type or len(stagewise.group(1)) == len(depths) != total):
+        letters, count = stagewise.groups()
+        if ("M" in letters) != bool(count):
+            raise ValueError(
+                f"attn_type {attn_type!r}: an 'M' stage needs a trailing count and a count needs an 'M'"
+            )
+        if len(letters) != len(depths):
+            raise ValueError(
+                f"attn_type {attn_type!r} names {len(letters)} stages, but there are {len(depths)}"
+            )
+        return parse_attn_type([f"M{count}" if c == "M" else c for c in letters], depths)
+    letters = _attn_letters(attn_type, total, "over all blocks")
+    if letters is None:
+        raise ValueError(f"attn_type must be {forms}; got {attn_type!r}")
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [letters[start : start + depth] for start, depth in zip(starts, depths, strict=True)]

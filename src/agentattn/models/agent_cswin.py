@@ -49,6 +49,7 @@ from ._builder import (
     check_global_pool,
     check_image_input,
     init_official_weights,
+    parse_attn_type,
     per_stage,
     with_official_tags,
 )
@@ -198,7 +199,7 @@ class AgentCSwinBlock(nn.Module):
     ) -> None:
         super().__init__()
         if attn_type not in ("A", "B", "L"):
-            raise ValueError(f"attn_type must be 'A', 'B' or 'L' per stage, got {attn_type!r}")
+            raise ValueError(f"attn_type of a block must be 'A', 'B' or 'L', got {attn_type!r}")
         self.dim, self.num_heads, self.attn_type = dim, num_heads, attn_type
         self.resolution = resolution
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -274,6 +275,39 @@ class MergeBlock(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
+def _check_cswin_args(patch_size: int, qk_scale: float | None, global_pool: str) -> None:
+    """The official options this model fixes: the stride-4 stem and the head_dim ** -0.5 scale; the pooling."""
+    if patch_size != 4:
+        raise ValueError(
+            f"patch_size must be 4 (the CSwin stem is a fixed 7×7 stride-4 conv), got {patch_size!r}"
+        )
+    if qk_scale is not None:
+        raise ValueError("qk_scale is not supported: the official model always uses head_dim ** -0.5")
+    check_global_pool(global_pool)
+
+
+def _stage_resolutions(img: tuple[int, int]) -> list[tuple[int, int]]:
+    """Construction grids: stem 7×7 stride 4 pad 2, then 3×3 stride 2 pad 1 merges (56/28/14/7 at 224)."""
+    resolutions = [((img[0] - 3) // 4 + 1, (img[1] - 3) // 4 + 1)]
+    for _ in range(3):
+        resolutions.append(((resolutions[-1][0] + 1) // 2, (resolutions[-1][1] + 1) // 2))
+    return resolutions
+
+
+def _check_la_split_size(
+    la_split_size: Any, kinds: list[list[str]], resolutions: list[tuple[int, int]]
+) -> None:
+    """Official agent blocks with la_split_size == stage resolution attend over the whole map; smaller agent
+    windows are not supported (the released models never use them)."""
+    la = per_stage("la_split_size", la_split_size, 4)
+    for i, (s, res) in enumerate(zip(la, resolutions, strict=True)):
+        if "A" in kinds[i] and s < max(res):
+            raise ValueError(
+                f"la_split_size[{i}] = {s} is smaller than the stage-{i + 1} map {res}; only global agent "
+                "branches (la_split_size equal to the stage resolution) are supported"
+            )
+
+
 class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
     """Agent-CSwin classifier (official argument names: ``depth``, ``split_size``, ``la_split_size``, ...).
 
@@ -306,39 +340,19 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
     ) -> None:
         super().__init__()
         img = to_2tuple_grid("img_size", img_size)
-        if patch_size != 4:
-            raise ValueError(
-                f"patch_size must be 4 (the CSwin stem is a fixed 7×7 stride-4 conv), got {patch_size!r}"
-            )
-        if qk_scale is not None:
-            raise ValueError("qk_scale is not supported: the official model always uses head_dim ** -0.5")
-        check_global_pool(global_pool)
+        _check_cswin_args(patch_size, qk_scale, global_pool)
         depth = per_stage("depth", depth, 4)
         if any(d < 0 for d in depth):
             raise ValueError(f"depth must be non-negative, got {depth!r}")
         split_size = per_stage("split_size", split_size, 4)
         heads = per_stage("num_heads", num_heads, 4)
         agent_nums = per_stage("agent_num", agent_num, 4)
-        if not isinstance(attn_type, str) or len(attn_type) != 4 or any(c not in "ABL" for c in attn_type):
-            raise ValueError(
-                f"attn_type must be 4 letters from 'A', 'B', 'L' (one per stage), got {attn_type!r}"
-            )
+        kinds = parse_attn_type(attn_type, depth)
         if any(s <= 0 for s in split_size):
             raise ValueError(f"split_size must be positive, got {split_size!r}")
-        # Construction grids: stem 7×7 stride 4 pad 2, then 3×3 stride 2 pad 1 merges (56/28/14/7 at 224).
-        resolutions = [((img[0] - 3) // 4 + 1, (img[1] - 3) // 4 + 1)]
-        for _ in range(3):
-            resolutions.append(((resolutions[-1][0] + 1) // 2, (resolutions[-1][1] + 1) // 2))
+        resolutions = _stage_resolutions(img)
         if la_split_size is not None:
-            # Official agent blocks with la_split_size == stage resolution attend over the whole map; smaller
-            # agent windows are not supported (the released models never use them).
-            la = per_stage("la_split_size", la_split_size, 4)
-            for i, (s, res) in enumerate(zip(la, resolutions, strict=True)):
-                if attn_type[i] == "A" and s < max(res):
-                    raise ValueError(
-                        f"la_split_size[{i}] = {s} is smaller than the stage-{i + 1} map {res}; only global agent "
-                        "branches (la_split_size equal to the stage resolution) are supported"
-                    )
+            _check_la_split_size(la_split_size, kinds, resolutions)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.output_fmt = "NHWC"  # forward_features' layout, declared as timm's Swin does
@@ -360,23 +374,13 @@ class AgentCSwinTransformer(LinearHeadMixin, nn.Module):
             blocks = nn.ModuleList(
                 [
                     AgentCSwinBlock(
-                        dims[i],
-                        heads[i],
-                        resolutions[i],
-                        split_size[i],
-                        attn_type[i],
-                        agent_nums[i],
-                        last_stage=i == 3,
-                        mlp_ratio=mlp_ratio,
-                        qkv_bias=qkv_bias,
-                        drop=drop_rate,
-                        attn_drop=attn_drop_rate,
-                        drop_path=dpr[start + j],
-                        norm_layer=norm_layer,
+                        dims[i], heads[i], resolutions[i], split_size[i], kinds[i][j], agent_nums[i],
+                        last_stage=i == 3, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
+                        attn_drop=attn_drop_rate, drop_path=dpr[start + j], norm_layer=norm_layer,
                     )
                     for j in range(depth[i])
                 ]
-            )
+            )  # fmt: skip
             start += depth[i]
             setattr(self, f"stage{i + 1}", blocks)
             if i < 3:

@@ -20,7 +20,6 @@ blocks are ignored).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -35,12 +34,10 @@ from torch import nn
 from ..layers import AgentAttention, LinearAttention, SoftmaxAttention
 from ..ops.tracing import is_tracing
 from ._builder import agent_cfg, build_agent_model, check_image_input, per_stage, with_official_tags
+from ._builder import parse_attn_type as parse_block_kinds
 from .pretrained import load_pretrained, resize_agent_bias_tables
 
 __all__ = ["AgentDeiT", "AgentDeiTBlock", "checkpoint_filter_fn", "parse_attn_type"]
-
-_ATTN_LETTERS = "ABL"
-
 
 _DEIT_POOLS = ("", "avg", "avgmax", "max", "token", "map")  # what timm's VisionTransformer takes
 
@@ -48,25 +45,10 @@ _DEIT_POOLS = ("", "avg", "avgmax", "max", "token", "map")  # what timm's Vision
 def parse_attn_type(attn_type: str, depth: int) -> str:
     """Expand ``attn_type`` to one letter per block ('A' agent, 'B' softmax, 'L' linear).
 
-    Accepted forms: a single letter (all blocks), one letter per block, or runs such as ``'A4B8'``.
-    Raises ValueError naming ``attn_type`` for anything else or a length other than ``depth``.
+    The grammar of every family (:func:`agentattn.models._builder.parse_attn_type`) with one stage: a letter or
+    word for all blocks, one letter per block, or runs such as ``'A4B8'``. Raises ValueError naming ``attn_type``.
     """
-    if not isinstance(attn_type, str) or not attn_type:
-        raise ValueError(f"attn_type must be a non-empty string of 'A'/'B'/'L', got {attn_type!r}")
-    if re.fullmatch(f"[{_ATTN_LETTERS}]", attn_type):
-        return attn_type * depth
-    if re.fullmatch(f"[{_ATTN_LETTERS}]+", attn_type):
-        letters = attn_type
-    elif re.fullmatch(f"([{_ATTN_LETTERS}][0-9]+)+", attn_type):
-        letters = "".join(c * int(n) for c, n in re.findall(f"([{_ATTN_LETTERS}])([0-9]+)", attn_type))
-    else:
-        raise ValueError(
-            f"attn_type must use the letters 'A' (agent), 'B' (softmax), 'L' (linear): one letter for all blocks, "
-            f"one per block, or runs like 'A4B8'; got {attn_type!r}"
-        )
-    if len(letters) != depth:
-        raise ValueError(f"attn_type {attn_type!r} describes {len(letters)} blocks, but depth = {depth}")
-    return letters
+    return "".join(parse_block_kinds(attn_type, [depth])[0])
 
 
 class AgentDeiTBlock(nn.Module):

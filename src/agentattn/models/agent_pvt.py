@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ from ._builder import (
     check_global_pool,
     check_image_input,
     init_official_weights,
+    parse_attn_type,
     per_stage,
     with_official_tags,
 )
@@ -221,7 +223,7 @@ class Block(nn.Module):
         elif attn_type == "L":
             self.attn = PVTLinearAttention(dim, num_heads, grid_size, sr_ratio, qkv_bias, proj_drop)
         else:
-            raise ValueError(f"attn_type letters must be one of {_ATTN_TYPES!r}, got {attn_type!r}")
+            raise ValueError(f"attn_type of a block must be one of {_ATTN_TYPES!r}, got {attn_type!r}")
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
@@ -273,6 +275,25 @@ def resample_stage_pos_embed(
 # ---------------------------------------------------------------------------------------------------------------
 # Argument parsing
 # ---------------------------------------------------------------------------------------------------------------
+def _check_pvt_args(depths: Any, num_stages: int, patch_size: Any, global_pool: str) -> None:
+    """The constructor's checks of the stage count, the patch size and the pooling."""
+    if not isinstance(depths, Sequence) or len(depths) != num_stages or num_stages < 1:
+        raise ValueError(f"depths must give one depth per stage (num_stages = {num_stages}), got {depths!r}")
+    check_global_pool(global_pool)
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+
+
+def _target_agent_grids(shape: Any, num_stages: int) -> list[tuple[int, int] | None]:
+    """Per-stage (rows, cols) agent grids of ``downstream_agent_shape`` (None: every stage keeps its own)."""
+    if shape is None:
+        return [None] * num_stages
+    return [
+        to_2tuple_grid("downstream_agent_shape", g)
+        for g in _per_stage_seq("downstream_agent_shape", shape, num_stages)
+    ]
+
+
 def _per_stage_seq(name: str, value, num_stages: int) -> list:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != num_stages:
         raise ValueError(f"{name} must be a sequence of {num_stages} values (one per stage), got {value!r}")
@@ -349,10 +370,7 @@ class AgentPVT(LinearHeadMixin, nn.Module):
     ) -> None:
         super().__init__()
         num_stages = len(depths) if num_stages is None else num_stages
-        if not isinstance(depths, Sequence) or len(depths) != num_stages or num_stages < 1:
-            raise ValueError(
-                f"depths must give one depth per stage (num_stages = {num_stages}), got {depths!r}"
-            )
+        _check_pvt_args(depths, num_stages, patch_size, global_pool)
         embed_dims = _per_stage_seq("embed_dims", embed_dims, num_stages)
         num_heads = _per_stage_seq("num_heads", num_heads, num_stages)
         mlp_ratios = _per_stage_seq("mlp_ratios", mlp_ratios, num_stages)
@@ -360,38 +378,17 @@ class AgentPVT(LinearHeadMixin, nn.Module):
         agent_sr_ratios = per_stage("agent_sr_ratios", agent_sr_ratios, num_stages)
         agent_num = per_stage("agent_num", agent_num, num_stages)
         attn_type = "A" * num_stages if attn_type is None else attn_type  # official default for None
-        if (
-            not isinstance(attn_type, str)
-            or len(attn_type) != num_stages
-            or any(c not in _ATTN_TYPES for c in attn_type)
-        ):
-            raise ValueError(
-                f"attn_type must be a string of {num_stages} letters from {_ATTN_TYPES!r} (one per stage), "
-                f"got {attn_type!r}"
-            )
-        if downstream_agent_shape is not None:
-            target_agent_grids = [
-                to_2tuple_grid("downstream_agent_shape", g)
-                for g in _per_stage_seq("downstream_agent_shape", downstream_agent_shape, num_stages)
-            ]
-        else:
-            target_agent_grids = [None] * num_stages
-        check_global_pool(global_pool)
-        if not isinstance(patch_size, int) or patch_size < 1:
-            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        kinds = parse_attn_type(attn_type, depths)
+        target_agent_grids = _target_agent_grids(downstream_agent_shape, num_stages)
         del qk_scale  # official signature; None in every official config, so the scale is head_dim ** -0.5
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         pos_drop_rate = drop_rate if pos_drop_rate is None else pos_drop_rate
         proj_drop_rate = drop_rate if proj_drop_rate is None else proj_drop_rate
 
         self.img_size = to_2tuple_grid("img_size", img_size)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_stages = num_stages
-        self.depths = list(depths)
-        self.embed_dims = list(embed_dims)
-        self.attn_type = attn_type
-        self.agent_num = agent_num
+        self.num_classes, self.global_pool, self.num_stages = num_classes, global_pool, num_stages
+        self.depths, self.embed_dims = list(depths), list(embed_dims)
+        self.attn_type, self.agent_num = attn_type, agent_num
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dims[-1]
         self.grad_checkpointing = False
         self.grid_sizes = _stage_grids(self.img_size, patch_size, num_stages)
@@ -401,28 +398,22 @@ class AgentPVT(LinearHeadMixin, nn.Module):
         self.feature_info = []
         for i in range(num_stages):
             grid = self.grid_sizes[i]
-            sr = sr_ratios[i] if attn_type[i] == "B" else agent_sr_ratios[i]
-            setattr(
-                self,
-                f"patch_embed{i + 1}",
-                PatchEmbed(
-                    patch_size if i == 0 else 2, in_chans if i == 0 else embed_dims[i - 1], embed_dims[i]
-                ),
-            )
+            stem = (patch_size, in_chans) if i == 0 else (2, embed_dims[i - 1])
+            setattr(self, f"patch_embed{i + 1}", PatchEmbed(*stem, embed_dims[i]))
             setattr(self, f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dims[i])))
             setattr(self, f"pos_drop{i + 1}", nn.Dropout(pos_drop_rate))
             blocks = nn.ModuleList(
                 Block(
-                    embed_dims[i], num_heads[i], grid, attn_type[i], agent_num[i], sr, mlp_ratios[i], qkv_bias,
+                    embed_dims[i], num_heads[i], grid, kind, agent_num[i],
+                    sr_ratios[i] if kind == "B" else agent_sr_ratios[i], mlp_ratios[i], qkv_bias,
                     proj_drop_rate, attn_drop_rate, dpr[cur + j], norm_layer, target_agent_grids[i],
                 )
-                for j in range(depths[i])
+                for j, kind in enumerate(kinds[i])
             )  # fmt: skip
             setattr(self, f"block{i + 1}", blocks)
             cur += depths[i]
-            self.feature_info.append(
-                dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"block{i + 1}")
-            )
+            info = dict(num_chs=embed_dims[i], reduction=patch_size * 2**i, module=f"block{i + 1}")
+            self.feature_info.append(info)
 
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 

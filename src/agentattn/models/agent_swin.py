@@ -20,7 +20,6 @@ forward, spec §2.5), window blocks pad to a multiple of the window and build th
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +49,7 @@ from ._builder import (
     check_global_pool,
     check_image_input,
     init_official_weights,
+    parse_attn_type,
     per_stage,
     with_official_tags,
 )
@@ -63,51 +63,6 @@ MASK_VALUE = -100.0  # the official Swin SW-MSA mask value
 # ---------------------------------------------------------------------------------------------------------------
 # configuration helpers
 # ---------------------------------------------------------------------------------------------------------------
-def parse_attn_type(attn_type: str | Sequence[str], depths: Sequence[int]) -> list[list[str]]:
-    """Per-block attention letters ('A', 'B' or 'L') from an ``attn_type`` spec.
-
-    Args:
-        attn_type: one letter per stage from ``A``/``B``/``L``/``M`` with the mixed count as trailing digits, as
-            in the official configs (``'AAMB2'``: stage 3 has 2 ``A`` blocks, then ``B``); or a sequence with one
-            entry per stage, ``'A'``, ``'B'``, ``'L'`` or ``'M<k>'``.
-        depths: blocks per stage.
-
-    Returns:
-        ``kinds[stage][block]``.
-    """
-    num_stages = len(depths)
-    if isinstance(attn_type, str):
-        match = re.fullmatch(r"([A-Za-z]+)(\d*)", attn_type)
-        if match is None:
-            raise ValueError(
-                f"attn_type must be letters A/B/L/M plus optional trailing digits, got {attn_type!r}"
-            )
-        letters, digits = match.group(1).upper(), match.group(2)
-        if "M" in letters and not digits:
-            raise ValueError(f"attn_type {attn_type!r} has an 'M' stage but no trailing count (e.g. 'AAMB2')")
-        if digits and "M" not in letters:
-            raise ValueError(f"attn_type {attn_type!r} has a trailing count but no 'M' stage")
-        stages = [f"M{digits}" if c == "M" else c for c in letters]
-    elif isinstance(attn_type, (list, tuple)):
-        stages = [str(s).upper() for s in attn_type]
-    else:
-        raise ValueError(f"attn_type must be a string or a sequence of per-stage strings, got {attn_type!r}")
-    if len(stages) != num_stages:
-        raise ValueError(f"attn_type {attn_type!r} names {len(stages)} stages, but depths has {num_stages}")
-    kinds = []
-    for stage, (spec, depth) in enumerate(zip(stages, depths, strict=True)):
-        if spec in ("A", "B", "L"):
-            kinds.append([spec] * depth)
-        elif re.fullmatch(r"M\d+", spec):
-            num_agent = int(spec[1:])
-            if num_agent > depth:
-                raise ValueError(
-                    f"attn_type stage {stage} is {spec!r} but that stage has only {depth} blocks"
-                )
-            kinds.append(["A"] * num_agent + ["B"] * (depth - num_agent))
-        else:
-            raise ValueError(f"attn_type stage {stage} is {spec!r}; expected 'A', 'B', 'L' or 'M<k>'")
-    return kinds
 
 
 def _per_stage_agent_shape(shape: Any, num_stages: int) -> list[tuple[int, int] | None]:
@@ -304,6 +259,24 @@ class AgentSwinStage(nn.Module):
         return self.downsample(self.forward_blocks(x))
 
 
+def _check_swin_args(
+    depths: tuple[int, ...], num_heads: tuple[int, ...], window_size: int, global_pool: str, ape: bool,
+    qk_scale: float | None,
+) -> None:  # fmt: skip
+    """The constructor's argument checks: stage counts, window, pooling and the unsupported official options."""
+    if not depths or not all(isinstance(d, int) and d >= 1 for d in depths):
+        raise ValueError(f"depths must be a non-empty sequence of positive ints, got {depths!r}")
+    if len(num_heads) != len(depths):
+        raise ValueError(f"num_heads must have one entry per stage ({len(depths)}), got {num_heads!r}")
+    if not isinstance(window_size, int) or window_size < 1:
+        raise ValueError(f"window_size must be a positive int, got {window_size!r}")
+    check_global_pool(global_pool)
+    if ape:
+        raise ValueError("ape=True (absolute position embedding) is not supported; no released model uses it")
+    if qk_scale is not None:
+        raise ValueError("qk_scale is not supported (the official agent models use head_dim ** -0.5)")
+
+
 class AgentSwinTransformer(LinearHeadMixin, nn.Module):
     """Agent-Swin classifier (official layout; timm model contract).
 
@@ -314,7 +287,8 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
         window_size: the official ``WINDOW_SIZE`` (56 at 224, 72 at 288, 96 at 384); window blocks use
             ``max(7, window_size // 8)``. Agent blocks always cover the whole map.
         agent_num: agents per stage (int, per-stage list, or official ``'9-16-49-49'``).
-        attn_type: per-stage attention, e.g. ``'AAAB'`` or ``'AAMB2'`` (see :func:`parse_attn_type`).
+        attn_type: per-stage attention, e.g. ``'AAAB'`` or ``'AAMB2'``, or per block (the grammar of
+            :func:`agentattn.models._builder.parse_attn_type`).
         downstream_agent_shape: optional per-stage agent grids to pool onto (e.g. ``(9, 12, 14, 7)``), the
             official detection/segmentation setting; biases are resampled, parameters unchanged.
         drop_rate: dropout after the patch embedding and in the MLP / projection (official meaning).
@@ -354,47 +328,24 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        depths = tuple(depths)
-        num_heads = tuple(num_heads)
-        if not depths or not all(isinstance(d, int) and d >= 1 for d in depths):
-            raise ValueError(f"depths must be a non-empty sequence of positive ints, got {depths!r}")
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        _check_swin_args(depths, num_heads, window_size, global_pool, ape, qk_scale)
         num_stages = len(depths)
-        if len(num_heads) != num_stages:
-            raise ValueError(f"num_heads must have one entry per stage ({num_stages}), got {num_heads!r}")
-        if not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be a positive int, got {window_size!r}")
-        check_global_pool(global_pool)
-        if ape:
-            raise ValueError(
-                "ape=True (absolute position embedding) is not supported; no released model uses it"
-            )
-        if qk_scale is not None:
-            raise ValueError("qk_scale is not supported (the official agent models use head_dim ** -0.5)")
         kinds = parse_attn_type(attn_type, depths)
         agent_nums = per_stage("agent_num", agent_num, num_stages, pairs=True)
         agent_shapes = _per_stage_agent_shape(downstream_agent_shape, num_stages)
         proj_drop_rate = drop_rate if proj_drop_rate is None else proj_drop_rate
 
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.num_classes, self.global_pool, self.num_layers = num_classes, global_pool, num_stages
+        self.embed_dim, self.attn_type, self.window_size = embed_dim, attn_type, window_size
         self.output_fmt = "NHWC"  # forward_features' layout, declared as timm's Swin does
-        self.output_fmt = "NHWC"
-        self.num_layers = num_stages
-        self.embed_dim = embed_dim
-        self.attn_type = attn_type
-        self.window_size = window_size
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_stages - 1))
 
         self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            norm_layer=norm_layer if patch_norm else None,
-            output_fmt="NHWC",
-            strict_img_size=False,
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            norm_layer=norm_layer if patch_norm else None, output_fmt="NHWC", strict_img_size=False,
             dynamic_img_pad=True,
-        )
+        )  # fmt: skip
         self.pos_drop = nn.Dropout(drop_rate)
         grid = tuple(self.patch_embed.grid_size)
 
@@ -407,23 +358,14 @@ class AgentSwinTransformer(LinearHeadMixin, nn.Module):
         for i in range(num_stages):
             blocks = [
                 AgentSwinBlock(
-                    dim,
-                    grid,
-                    num_heads[i],
-                    attn_kind=kind,
-                    window_size=b_window,
-                    shift_size=0 if j % 2 == 0 else b_window // 2,
-                    agent_num=agent_nums[i],
-                    downstream_agent_shape=agent_shapes[i],
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[block_index + j],
+                    dim, grid, num_heads[i], attn_kind=kind, window_size=b_window,
+                    shift_size=0 if j % 2 == 0 else b_window // 2, agent_num=agent_nums[i],
+                    downstream_agent_shape=agent_shapes[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[block_index + j],
                     norm_layer=norm_layer,
                 )
                 for j, kind in enumerate(kinds[i])
-            ]
+            ]  # fmt: skip
             block_index += depths[i]
             stages.append(AgentSwinStage(blocks, dim, downsample=i < num_stages - 1, norm_layer=norm_layer))
             self.feature_info.append(

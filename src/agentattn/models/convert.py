@@ -94,6 +94,21 @@ class GlobalAgentSwinBlock(SwinTransformerBlock):
         ``forward(x)``: (B, H, W, C) → (B, H, W, C).
     """
 
+    @classmethod
+    def from_block(cls, block: SwinTransformerBlock, attn: AgentAttention) -> GlobalAgentSwinBlock:
+        """A new block holding ``block``'s norms, MLP and drop paths (the same modules) and ``attn``.
+
+        It is built on the meta device (no memory, no random draws), then given the real parts, so the converted
+        model keeps every parameter and its state-dict keys.
+        """
+        resolution = tuple(int(r) for r in block.input_resolution)
+        with torch.device("meta"):
+            new = cls(block.dim, resolution, num_heads=attn.num_heads, window_size=resolution, shift_size=0)
+        for name in ("norm1", "drop_path1", "norm2", "mlp", "drop_path2"):
+            setattr(new, name, getattr(block, name))
+        new.attn = attn
+        return new.train(block.training)
+
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
         out = self.attn(x.reshape(batch, height * width, channels), grid_size=(height, width))
@@ -244,9 +259,9 @@ def _convert_swin(
 ) -> None:
     stages = list(model.layers)
     nums = per_stage("agent_num", agent_num, len(stages), unit="stage")
-    flat = [(s, blk) for s, stage in enumerate(stages) for blk in stage.blocks]
+    flat = [(s, j, blk) for s, stage in enumerate(stages) for j, blk in enumerate(stage.blocks)]
     for k in _select(blocks, len(flat), list(range(len(flat)))):
-        stage_idx, block = flat[k]
+        stage_idx, block_idx, block = flat[k]
         where = f"block {k} (stage {stage_idx})"
         if isinstance(block, GlobalAgentSwinBlock):
             continue
@@ -266,9 +281,9 @@ def _convert_swin(
             proj_drop=_dropout_p(block.attn.proj_drop),
             learned_agents=learned_agents,
         )
-        block.attn = _agent_from(block.attn, new)
-        block.__class__ = GlobalAgentSwinBlock
-        block.set_input_size(resolution, resolution)
+        converted = GlobalAgentSwinBlock.from_block(block, _agent_from(block.attn, new))
+        converted.set_input_size(resolution, resolution)
+        stages[stage_idx].blocks[block_idx] = converted
 
 
 def convert_to_agent(
@@ -288,7 +303,8 @@ def convert_to_agent(
         learned_agents: learned agent tokens instead of pooled queries.
 
     The new modules copy ``qkv``/``proj``; agent biases are freshly initialised and ``dwc`` starts at zero (see the
-    module docstring for why). Raises ValueError for other models or attention layers that cannot be converted
+    module docstring for why). A converted Swin block is a new :class:`GlobalAgentSwinBlock` in its stage, holding
+    the old block's norms and MLP, so parameter names stay the same (hooks on the old block do not carry over). Raises ValueError for other models or attention layers that cannot be converted
     (qk-norm, gated, head_dim · heads ≠ dim, Swin V2, ...).
 
     Shape: unchanged — the converted model maps the same inputs to the same output shapes.

@@ -16,6 +16,20 @@ and on autograd (``agentattn bench attention`` and ``agentattn bench gpu`` measu
   inference (split-K over the keys, which SDPA cannot do for n ≈ 49 queries) and explicit matmuls for training.
   The fused kernels also train (``backend="triton"``, or an :func:`attention_backend` block); ``auto`` does not
   pick them for training until a GPU run of ``agentattn bench gpu`` has measured where they win.
+
+Fully masked rows. A row that is -inf throughout is taken as a row whose keys are all padded, on every backend,
+with or without gradients: an agent whose B1 row is -inf at every key (after the cast to q's dtype, padded keys
+counted as -inf) gathers zero values, and a query whose B2 row is -inf at every agent gets a zero output row. No
+gradient flows through such a row (its bias gradient is zero) and every gradient stays finite. Rows with some
+finite entries are ordinary softmaxes. Cost, with no such row: on CPU, a look at each bias's first and last
+columns (a few µs; a row can only be -inf throughout if it is -inf at both ends). Where a look would cost a
+device sync or break a traced graph (CUDA, torch.compile, torch.export) the rows are always patched instead: a
+reduction and a fill of each bias, a multiply of the (B, H, n, d_v) agent values, and a multiply of the output,
+which on the SDPA path shares the pass of the NaN term. The Triton kernels handle such rows themselves, at no
+cost.
+
+NaN is not checked for (that would cost a device sync): it propagates. A NaN in a query gives a NaN output row;
+a NaN in a key, value or agent of a (batch, head) reaches every output row of that (batch, head).
 """
 
 from __future__ import annotations
@@ -130,19 +144,9 @@ def agent_attention(
     Returns:
         (B, H, N, d_v). Biases are cast to the dtype of q. B = 0 gives an empty result.
 
-    A fully masked row is taken as a row whose keys are all padded, on every backend, with or without gradients:
-    an agent whose B1 row is -inf at every key (after the cast to q's dtype, padded keys counted as -inf) gathers
-    zero values, and a query whose B2 row is -inf at every agent gets a zero output row. No gradient flows through
-    such a row (its bias gradient is zero) and every gradient stays finite. Rows with some finite entries are
-    ordinary softmaxes. Cost, with no such row: on CPU, a look at each bias's first and last columns (a few µs;
-    a row can only be -inf throughout if it is -inf at both ends). Where a look would cost a device sync or break
-    a traced graph (CUDA, torch.compile, torch.export) the rows are always patched instead: a reduction and a fill
-    of each bias, a multiply of the (B, H, n, d_v) agent values, and a multiply of the output, which on the SDPA
-    path shares the pass of the NaN term below. The Triton kernels handle such rows themselves, at no cost.
-
-    NaN is not checked for (that would cost a device sync): it propagates. A NaN in a query gives a NaN output
-    row; a NaN in a key, value or agent of a (batch, head) reaches every output row of that (batch, head).
-    fp16/bf16 inputs get fp32 logits and softmax on every path.
+    A row of a bias that is -inf throughout counts as fully padded: it gives zero agent values or a zero output
+    row, with finite gradients (see the module docstring, as for NaN, which propagates). fp16/bf16 inputs get
+    fp32 logits and softmax on every path.
     """
     check_agent_attention_args(q, k, v, agents, agent_bias, query_bias, key_padding_mask, dropout_p, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
@@ -166,12 +170,8 @@ def agent_attention(
     # Fully masked rows (-inf throughout) are unmasked for the kernels (a softmax over nothing is NaN in the output
     # or in the gradient, depending on the kernel and the torch version) and their output rows multiplied by 0.
     check_first = check_rows_first(q)
-    dead1 = fully_masked_rows(mask1, check_first)  # (B|1, H|1, n|1, 1) or None
-    dead2 = fully_masked_rows(mask2, check_first)  # (B|1, H|1, N|1, 1) or None
-    if dead1 is not None:
-        mask1 = mask1.masked_fill(dead1, 0.0)
-    if dead2 is not None:
-        mask2 = mask2.masked_fill(dead2, 0.0)
+    mask1, dead1 = _unmask_dead_rows(mask1, check_first)  # dead1: (B|1, H|1, n|1, 1) or None
+    mask2, dead2 = _unmask_dead_rows(mask2, check_first)  # dead2: (B|1, H|1, N|1, 1) or None
     attend = _attend_matmul if chosen == "matmul" else _attend_sdpa
     agent_values = attend(agents, k, v, mask1, p, s)  # (B, H, n, d_v)
     if dead1 is not None:  # × 0 rather than a fill: NaN in -> NaN out, as the reference
@@ -179,17 +179,30 @@ def agent_attention(
     if all_padded is not None:
         agent_values = agent_values.masked_fill(all_padded[:, None, None, None], 0.0)
     out = attend(q, agents, agent_values, mask2, p, s)  # (B, H, N, d_v)
+    return _zero_dead_keep_nan(out, q, mask2, dead2, sdpa=attend is _attend_sdpa)
+
+
+def _zero_dead_keep_nan(
+    out: torch.Tensor, q: torch.Tensor, mask2: torch.Tensor | None, dead2: torch.Tensor | None, sdpa: bool
+) -> torch.Tensor:
+    """out (B, H, N, d_v) with the fully masked query rows zeroed, and NaN queries kept NaN on the SDPA path."""
     # PyTorch's fused kernel can return zeros for a query row holding NaN; keep NaN in -> NaN out, as the other
     # paths do (adding ±0 changes nothing else).
     nan_term = None
-    if attend is _attend_sdpa and _may_hold_nan(q, mask2):
+    if sdpa and _may_hold_nan(q, mask2):
         nan_term = q.sum(dim=-1, keepdim=True).mul(0.0)
     if dead2 is not None:
         keep = dead2.logical_not().to(out.dtype)
-        out = out * keep if nan_term is None else torch.addcmul(nan_term, out, keep)  # one pass either way
-    elif nan_term is not None:
-        out = out + nan_term
-    return out
+        return out * keep if nan_term is None else torch.addcmul(nan_term, out, keep)  # one pass either way
+    return out if nan_term is None else out + nan_term
+
+
+def _unmask_dead_rows(
+    mask: torch.Tensor | None, check_first: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask with its rows of -inf set to 0, and those rows (a (.., 1) bool tensor), or None for none."""
+    dead = fully_masked_rows(mask, check_first)
+    return (mask if dead is None else mask.masked_fill(dead, 0.0)), dead
 
 
 def _may_hold_nan(q: torch.Tensor, query_mask: torch.Tensor | None) -> bool:

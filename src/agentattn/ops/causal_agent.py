@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._causal_common import _check_args, _compute_dtype
+
 __all__ = [
     "CausalAgentState",
     "causal_agent_attention",
@@ -42,67 +44,6 @@ __all__ = [
     "causal_agent_prefill",
     "causal_agent_step",
 ]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    agents: torch.Tensor,
-    decay: torch.Tensor | None,
-    agent_bias: torch.Tensor | None,
-    chunk_size: int,
-    scale: float | None,
-) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, T, d), got shape {tuple(t.shape)}")
-    for name, t in (
-        ("q", q),
-        ("k", k),
-        ("v", v),
-        ("agents", agents),
-        ("decay", decay),
-        ("agent_bias", agent_bias),
-    ):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(
-                f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device"
-            )
-    for name, t in (("k", k), ("v", v), ("agents", agents)):
-        if t.dtype != q.dtype:
-            raise TypeError(
-                f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; q, k, v and agents must match"
-            )
-    batch, heads, tokens, head_dim = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must have the shape of q (B, H, T, d) = {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != (batch, heads, tokens):
-        raise ValueError(
-            f"v must have shape (B, H, T, d_v) = ({batch}, {heads}, {tokens}, d_v), got {tuple(v.shape)}"
-        )
-    if agents.dim() != 3 or agents.shape[0] != heads or agents.shape[2] != head_dim or agents.shape[1] < 1:
-        raise ValueError(
-            f"agents must have shape (H, n, d) = ({heads}, n>=1, {head_dim}), got {tuple(agents.shape)}"
-        )
-    num_agents = agents.shape[1]
-    for name, t in (("decay", decay), ("agent_bias", agent_bias)):
-        if t is not None and tuple(t.shape) != (heads, num_agents):
-            raise ValueError(f"{name} must have shape (H, n) = ({heads}, {num_agents}), got {tuple(t.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be a positive number or None, got {scale}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,6 +127,8 @@ def causal_agent_attention(
     *,
     chunk_size: int = 64,
     scale: float | None = None,
+    window_q: torch.Tensor | None = None,
+    window_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Chunked parallel causal agent attention (training path). Same arguments and result as the naive form.
 
@@ -193,10 +136,12 @@ def causal_agent_attention(
 
     Args:
         q, k: (B, H, T, d). v: (B, H, T, d_v). agents: (H, n, d). decay, agent_bias: (H, n) or None.
+        window_q, window_k: (B, H, T, d) or None: the queries and keys of the exact-window logits (default q, k),
+            e.g. q and k with rotary embeddings, while the agent logits keep the position-free q and k.
     Returns:
         (B, H, T, d_v) in the dtype of q.
     """
-    _check_args(q, k, v, agents, decay, agent_bias, chunk_size, scale)
+    _check_args(q, k, v, agents, decay, agent_bias, chunk_size, scale, window_q, window_k)
     out_dtype, cd = q.dtype, _compute_dtype(q.dtype)
     q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
     decay = None if decay is None else decay.to(cd)
@@ -209,10 +154,17 @@ def causal_agent_attention(
     # matmul reads its operands in place (heads split from a fused qkv projection would be copied at each one).
     q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k, v))
     kc, vc = k.view(B, H, N, C, d), v.view(B, H, N, C, dv)
+    if window_q is None:
+        wqs, wkc = (q * s).view(B, H, N, C, d), kc
+    else:
+        wq, wk = (
+            F.pad(t.to(cd), (0, 0, 0, pad)) if pad else t.to(cd).contiguous() for t in (window_q, window_k)
+        )
+        wqs, wkc = (wq * s).view(B, H, N, C, d), wk.view(B, H, N, C, d)
 
     # One softmax per query over three parts, normalised jointly without concatenating them:
     # n agents (values: memory readouts over chunks <= c - 2) | the previous chunk | the current chunk (causal).
-    qs = (q * s).view(B, H, N, C, d)
+    qs = wqs if window_q is None else (q * s).view(B, H, N, C, d)
     mem = q.new_zeros(B, H, N, n, dv)
     if N > 2:
         # Readouts after every chunk (the last two are not needed, but slicing the inputs would copy them).
@@ -222,7 +174,7 @@ def causal_agent_attention(
         s_agent = s_agent + agent_bias.to(cd)[None, :, None, None, :]
     s_agent[:, :, :2] = float("-inf")  # no memory before chunk 2 (in place: matmul/add keep no output)
     i = torch.arange(C, device=q.device)
-    s_cur = qs @ kc.transpose(-2, -1)  # (B, H, N, C, C)
+    s_cur = wqs @ wkc.transpose(-2, -1)  # (B, H, N, C, C)
     s_cur.masked_fill_(i[None, :] > i[:, None], float("-inf"))
     m = torch.maximum(s_agent.amax(-1), s_cur.amax(-1)).detach()  # (B, H, N, C); finite: the diagonal
     p_agent = torch.exp(s_agent - m[..., None])
@@ -233,7 +185,7 @@ def causal_agent_attention(
         # Over the B·H·N chunks in a row, chunk g reads chunk g - 1: offset views with one batch stride, so the
         # matmuls copy nothing. The first chunk of each (b, h) would read another head's last chunk: masked.
         BHN = B * H * N
-        q_flat, k_flat, v_flat = qs.view(BHN, C, d), kc.view(BHN, C, d), vc.view(BHN, C, dv)
+        q_flat, k_flat, v_flat = wqs.view(BHN, C, d), wkc.view(BHN, C, d), vc.view(BHN, C, dv)
         s_prev = q_flat[1:] @ k_flat[:-1].transpose(-2, -1)  # (BHN - 1, C, C)
         s_prev[N - 1 :: N] = float("-inf")
         m_read = m.view(BHN, C)[1:]
@@ -264,6 +216,11 @@ class CausalAgentState:
     5× slower for one query); a decoding step is a few dozen µs of work, so it avoids rebuilding anything.
     ``has_memory`` is False until the first chunk has left the window; t: tokens seen.
 
+    With separate window keys (``window_k``, e.g. rotary keys) the rows are 2d wide and a step's query is
+    [q | window_q]: agent rows are [a | 0] and window rows [0 | window_k], so the one SDPA call still gives
+    s·q·a for the agents and s·window_q·window_k for the window. ``memory_keys`` (B, H, 2C, d) then keeps the
+    window's plain keys, which the memory folds.
+
     The agent rows (agents in ``keys``, agent bias in ``mask``) are written by the first step after each fold
     (``agent_rows_current``), not on every step: like the memory, which was built with the agents of its time, a
     state belongs to the parameters it was made with; after changing them, prefill again.
@@ -276,10 +233,11 @@ class CausalAgentState:
     values: torch.Tensor
     mask: torch.Tensor
     chunk_size: int
-    num_agents: int
+    agent_num: int
     t: int = 0
     has_memory: bool = False
     agent_rows_current: bool = False
+    memory_keys: torch.Tensor | None = None
 
     @property
     def folds_next(self) -> bool:
@@ -287,43 +245,61 @@ class CausalAgentState:
         return self.t % self.chunk_size == 0 and self.t >= 2 * self.chunk_size
 
     @property
+    def separate_window_keys(self) -> bool:
+        return self.memory_keys is not None
+
+    @property
     def k_buf(self) -> torch.Tensor:
-        """(B, H, 2C, d) view: the window's keys."""
-        return self.keys[:, :, self.num_agents :]
+        """(B, H, 2C, d) view: the window's keys as the window logits read them."""
+        window_rows = self.keys[:, :, self.agent_num :]
+        return window_rows[..., window_rows.shape[-1] // 2 :] if self.separate_window_keys else window_rows
+
+    @property
+    def fold_k_buf(self) -> torch.Tensor:
+        """(B, H, 2C, d) view: the window's plain keys, which the memory folds when they leave the window."""
+        return self.memory_keys if self.memory_keys is not None else self.keys[:, :, self.agent_num :]
 
     @property
     def v_buf(self) -> torch.Tensor:
         """(B, H, 2C, d_v) view: the window's values."""
-        return self.values[:, :, self.num_agents :]
+        return self.values[:, :, self.agent_num :]
 
     @property
     def readout(self) -> torch.Tensor:
         """(B, H, n, d_v) view: the memory readouts S / z."""
-        return self.values[:, :, : self.num_agents]
+        return self.values[:, :, : self.agent_num]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.m, self.S, self.z, self.keys, self.values, self.mask]
+        extra = [] if self.memory_keys is None else [self.memory_keys]
+        return [self.m, self.S, self.z, self.keys, self.values, self.mask, *extra]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def causal_agent_init_state(
-    batch: int, heads: int, num_agents: int, head_dim: int, value_dim: int, chunk_size: int,
+    batch: int, heads: int, agent_num: int, head_dim: int, value_dim: int, chunk_size: int,
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    separate_window_keys: bool = False,
 ) -> CausalAgentState:  # fmt: skip
-    """Empty state (no token seen). ``dtype`` is the input dtype; half types keep a float32 state."""
+    """Empty state (no token seen). ``dtype`` is the input dtype; half types keep a float32 state.
+    ``separate_window_keys``: the steps will pass window_q / window_k (see :class:`CausalAgentState`)."""
     cd = _compute_dtype(dtype)
-    rows = num_agents + 2 * chunk_size
+    rows = agent_num + 2 * chunk_size
+    width = 2 * head_dim if separate_window_keys else head_dim
+    memory_keys = None
+    if separate_window_keys:
+        memory_keys = torch.zeros(batch, heads, 2 * chunk_size, head_dim, device=device, dtype=cd)
     return CausalAgentState(
-        m=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
-        S=torch.zeros(batch, heads, num_agents, value_dim, device=device, dtype=cd),
-        z=torch.zeros(batch, heads, num_agents, device=device, dtype=cd),
-        keys=torch.zeros(batch, heads, rows, head_dim, device=device, dtype=cd),
+        m=torch.zeros(batch, heads, agent_num, device=device, dtype=cd),
+        S=torch.zeros(batch, heads, agent_num, value_dim, device=device, dtype=cd),
+        z=torch.zeros(batch, heads, agent_num, device=device, dtype=cd),
+        keys=torch.zeros(batch, heads, rows, width, device=device, dtype=cd),
         values=torch.zeros(batch, heads, rows, value_dim, device=device, dtype=cd),
         mask=torch.full((1, heads, 1, rows), float("-inf"), device=device, dtype=cd),
         chunk_size=chunk_size,
-        num_agents=num_agents,
+        agent_num=agent_num,
+        memory_keys=memory_keys,
     )
 
 
@@ -350,16 +326,21 @@ def causal_agent_prefill(
     *,
     chunk_size: int = 64,
     scale: float | None = None,
+    window_k: torch.Tensor | None = None,
 ) -> CausalAgentState:
-    """The state after reading k, v (B, H, T, d / d_v) in one go: equal to T calls of :func:`causal_agent_step`."""
-    _check_args(k, k, v, agents, decay, None, chunk_size, scale)
+    """The state after reading k, v (B, H, T, d / d_v) in one go: equal to T calls of :func:`causal_agent_step`.
+
+    ``window_k`` (B, H, T, d): the keys of the exact-window logits, if the steps will pass window_q / window_k.
+    """
+    _check_args(k, k, v, agents, decay, None, chunk_size, scale, window_k, window_k)
     cd = _compute_dtype(k.dtype)
     k, v, agents = k.to(cd), v.to(cd), agents.to(cd)
     decay = None if decay is None else decay.to(cd)
     B, H, T, d = k.shape
     C = chunk_size
     s = d**-0.5 if scale is None else scale
-    state = causal_agent_init_state(B, H, agents.shape[1], d, v.shape[-1], C, k.device, cd)
+    separate = window_k is not None
+    state = causal_agent_init_state(B, H, agents.shape[1], d, v.shape[-1], C, k.device, cd, separate)
     if T == 0:
         return state
     last_chunk = (T - 1) // C
@@ -370,7 +351,9 @@ def causal_agent_prefill(
         _fold_into_state(state, state_k, state_v, agents, decay, s)
     pos = torch.arange(max(last_chunk - 1, 0) * C, T, device=k.device)
     slots = pos % (2 * C)
-    state.k_buf[:, :, slots] = k[:, :, pos]
+    state.k_buf[:, :, slots] = (window_k.to(cd) if separate else k)[:, :, pos]
+    if separate:
+        state.fold_k_buf[:, :, slots] = k[:, :, pos]
     state.v_buf[:, :, slots] = v[:, :, pos]
     state.mask[..., agents.shape[1] + slots] = 0.0  # exactly the positions a next query may read
     state.t = T
@@ -389,50 +372,64 @@ def causal_agent_step(
     *,
     scale: float | None = None,
     check_inputs: bool = True,
+    window_q: torch.Tensor | None = None,
+    window_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step: q, k (B, H, 1, d), v (B, H, 1, d_v) at position ``state.t`` → (B, H, 1, d_v).
 
     Updates ``state`` in place (ring-buffer write, and a chunk fold when a chunk leaves the window).
-    ``check_inputs=False`` skips the argument checks, for a caller that built the inputs itself (the decode loop
-    of a model, where the checks would cost more than the step); ``decay`` is then only needed when
-    ``state.folds_next``.
+    ``window_q`` / ``window_k`` (B, H, 1, d): the exact-window query and key, for a state made with separate
+    window keys (and only then). ``check_inputs=False`` skips the argument checks, for a caller that built the
+    inputs itself (the decode loop of a model, where the checks would cost more than the step); ``decay`` is then
+    only needed when ``state.folds_next``.
     """
     if check_inputs:
-        _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale)
+        _check_args(q, k, v, agents, decay, agent_bias, state.chunk_size, scale, window_q, window_k)
         if q.shape[2] != 1:
             raise ValueError(
                 f"causal_agent_step takes one token: q must be (B, H, 1, d), got {tuple(q.shape)}"
             )
-    return _causal_agent_step(q, k, v, agents, state, decay, agent_bias, scale)
+    return _causal_agent_step(q, k, v, agents, state, decay, agent_bias, scale, window_q, window_k)
 
 
 def _causal_agent_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, agents: torch.Tensor, state: CausalAgentState,
     decay: torch.Tensor | None, agent_bias: torch.Tensor | None, scale: float | None,
+    window_q: torch.Tensor | None = None, window_k: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """:func:`causal_agent_step` without the argument checks and the grad-mode switch, for the decode loop of
     :class:`~agentattn.lm.AgentLM`, which makes q, k, v itself and runs under ``no_grad``: at batch 1 a step is a
     few dozen µs of tensor work, and the checks cost ~10 µs of it. ``decay`` is read only when
     ``state.folds_next``."""
     keys = state.keys
-    if keys.shape[:2] != q.shape[:2] or keys.device != q.device or state.num_agents != agents.shape[1]:
+    if keys.shape[:2] != q.shape[:2] or keys.device != q.device or state.agent_num != agents.shape[1]:
         raise ValueError(
-            f"state was made for (B, H) = {tuple(keys.shape[:2])} and n = {state.num_agents} on "
+            f"state was made for (B, H) = {tuple(keys.shape[:2])} and n = {state.agent_num} on "
             f"{keys.device}, got q {tuple(q.shape[:2])}, n = {agents.shape[1]} on {q.device}"
+        )
+    if (
+        window_k is not None
+    ) != state.separate_window_keys:  # checked here too: the LM skips the other checks
+        made = "with" if state.separate_window_keys else "without"
+        raise ValueError(
+            f"state was made {made} separate window keys: pass window_q and window_k "
+            f"{'' if state.separate_window_keys else 'not '}to every step"
         )
     out_dtype, cd = q.dtype, keys.dtype
     if q.dtype != cd:
         q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
-    C, t, n = state.chunk_size, state.t, agents.shape[1]
-    s = q.shape[-1] ** -0.5 if scale is None else scale
+        if window_q is not None:
+            window_q, window_k = window_q.to(cd), window_k.to(cd)
+    C, t, n, d = state.chunk_size, state.t, agents.shape[1], q.shape[-1]
+    s = d**-0.5 if scale is None else scale
     if state.folds_next:  # chunk c - 2 leaves the window: fold it into the memory
         half = ((t // C - 2) % 2) * C
-        kc = state.k_buf[:, :, half : half + C].unsqueeze(2)
+        kc = state.fold_k_buf[:, :, half : half + C].unsqueeze(2)
         vc = state.v_buf[:, :, half : half + C].unsqueeze(2)
         _fold_into_state(state, kc, vc, agents, None if decay is None else decay.to(cd), s)
         state.mask.narrow(3, n + half, C).fill_(float("-inf"))
     if state.has_memory and not state.agent_rows_current:
-        state.keys.narrow(2, 0, n).copy_(agents)
+        state.keys.narrow(2, 0, n).narrow(3, 0, d).copy_(agents)  # separate window keys: the rest stays 0
         bias_rows = state.mask.narrow(3, 0, n)  # (1, H, 1, n)
         if agent_bias is None:
             bias_rows.fill_(0.0)
@@ -440,7 +437,12 @@ def _causal_agent_step(
             bias_rows.copy_(agent_bias[:, None])
         state.agent_rows_current = True
     row = n + t % (2 * C)
-    state.keys.narrow(2, row, 1).copy_(k)
+    if window_k is None:
+        state.keys.narrow(2, row, 1).copy_(k)
+    else:  # the window row is [0 | window_k] (its first half stays 0); the memory keeps the plain key
+        state.keys.narrow(2, row, 1).narrow(3, d, d).copy_(window_k)
+        state.memory_keys.narrow(2, row - n, 1).copy_(k)
+        q = torch.cat([q, window_q], dim=-1)  # (B, H, 1, 2d): q meets the agents, window_q the window keys
     state.values.narrow(2, row, 1).copy_(v)
     state.mask.narrow(3, row, 1).fill_(0.0)
     # One softmax over [agents | window]: agent logits s·q·a + b read the memory (masked with -inf until it

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .causal_agent import _compute_dtype
+from ._causal_common import _compute_dtype
 from .linear import elu_feature_map
 
 __all__ = [

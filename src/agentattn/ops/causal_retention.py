@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .causal_agent import _compute_dtype
+from ._causal_common import _compute_dtype
 from .causal_linear import _check as _check_qkv
 
 __all__ = [

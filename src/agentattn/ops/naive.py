@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._causal_common import _check_args as _check_causal_agent_args
+from ._causal_common import _compute_dtype as _causal_compute_dtype
 from ._masked_rows import softmax_or_zero
 from ._validation import check_agent_attention_args
-from .causal_agent import _check_args as _check_causal_agent_args
-from .causal_agent import _compute_dtype as _causal_compute_dtype
 from .causal_linear import _check as _check_causal_linear_args
 from .causal_linear import elu_feature_map
 from .causal_retention import _check as _check_causal_retention_args
@@ -123,6 +123,8 @@ def causal_agent_attention(
     *,
     chunk_size: int = 64,
     scale: float | None = None,
+    window_q: torch.Tensor | None = None,
+    window_k: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: the full (B, H, T, T) causal weight matrix, then ``W @ v``. O(T²·n) memory; for tests.
 
@@ -131,10 +133,13 @@ def causal_agent_attention(
         decay: (H, n) recency rates λ >= 0 of the agent memory (None: 0). agent_bias: (H, n) read bias (None: 0).
         chunk_size: C; the exact window is the current chunk up to t plus the previous chunk.
         scale: logit scale s (None: d^-0.5).
+        window_q, window_k: (B, H, T, d) or None: queries and keys of the exact-window logits (default q, k).
     Returns:
         (B, H, T, d_v) in the dtype of q.
     """
-    _check_causal_agent_args(q, k, v, agents, decay, agent_bias, chunk_size, scale)
+    _check_causal_agent_args(q, k, v, agents, decay, agent_bias, chunk_size, scale, window_q, window_k)
+    if window_q is None:
+        window_q, window_k = q, k
     out_dtype, cd = q.dtype, _causal_compute_dtype(q.dtype)
     q, k, v, agents = q.to(cd), k.to(cd), v.to(cd), agents.to(cd)
     tokens, head_dim = q.shape[2], q.shape[3]
@@ -157,7 +162,8 @@ def causal_agent_attention(
     if agent_bias is not None:
         read = read + agent_bias.to(cd)[None, :, None, :]
     read = read.masked_fill(~has_mem[:, None], float("-inf"))
-    scores = (s * q @ k.transpose(-2, -1)).masked_fill(~local, float("-inf"))  # (B, H, T, T)
+    window_q, window_k = window_q.to(cd), window_k.to(cd)
+    scores = (s * window_q @ window_k.transpose(-2, -1)).masked_fill(~local, float("-inf"))  # (B, H, T, T)
     probs = torch.softmax(torch.cat([read, scores], dim=-1), dim=-1)
     n = agents.shape[1]
     weights = probs[..., n:] + torch.einsum("bhtn,bhntj->bhtj", probs[..., :n], omega)  # (B, H, T, T)

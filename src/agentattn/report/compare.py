@@ -102,12 +102,13 @@ class CompareConfig:
     def __post_init__(self) -> None:
         unknown = [t for t in self.twins if t not in TWINS]
         if unknown or not self.twins:
-            raise ValueError(f"--twins must name some of {sorted(TWINS)}, got {list(self.twins)}")
+            raise ValueError(f"twins must name some of {sorted(TWINS)}, got {list(self.twins)}")
         for name in ("epochs", "batch_size", "inference_batch", "inference_rounds"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if "attn_type" in self.model_kwargs:
-            raise ValueError("--model-kwargs must not set attn_type: compare sets it per twin")
+            got = self.model_kwargs["attn_type"]
+            raise ValueError(f"model_kwargs must not set attn_type: compare sets it per twin, got {got!r}")
 
     @property
     def total_epochs(self) -> int:
@@ -234,8 +235,17 @@ def compare(config: CompareConfig) -> tuple[list[TwinResult], Path]:
 def _compare(config: CompareConfig, data: DataBundle, output: Path) -> tuple[list[TwinResult], Path]:
     if config.threads:
         torch.set_num_threads(config.threads)
+    results, records, models = _train_twins(config, output)
+    _measure_speed_and_memory(config, data, results, models)
+    ordered = [results[t] for t in config.twins]
+    _write_report(config, data, ordered, records, models, output)
+    return ordered, output
 
-    # ---- train each twin in its own process
+
+def _train_twins(
+    config: CompareConfig, output: Path
+) -> tuple[dict[str, TwinResult], dict[str, list[dict[str, Any]]], dict[str, nn.Module]]:
+    """Train each twin in its own process; read back its metrics and last checkpoint."""
     results: dict[str, TwinResult] = {}
     records: dict[str, list[dict[str, Any]]] = {}
     models: dict[str, nn.Module] = {}
@@ -261,8 +271,13 @@ def _compare(config: CompareConfig, data: DataBundle, output: Path) -> tuple[lis
             train_time_s=wall_s,
             epochs=epochs,
         )
+    return results, records, models
 
-    # ---- inference speed, interleaved so that machine noise hits every twin alike
+
+def _measure_speed_and_memory(
+    config: CompareConfig, data: DataBundle, results: dict[str, TwinResult], models: dict[str, nn.Module]
+) -> None:
+    """Inference speed, interleaved so that machine noise hits every twin alike; peak memory per step."""
     count = min(config.inference_batch, len(data.eval))  # type: ignore[arg-type]
     batch = torch.stack([data.eval[i][0] for i in range(count)])
     for twin, speed in _inference_throughput(models, batch, config.inference_rounds).items():
@@ -280,7 +295,12 @@ def _compare(config: CompareConfig, data: DataBundle, output: Path) -> tuple[lis
             config.model, kwargs, batch_size=config.inference_batch, mode="infer", **common
         )
 
-    # ---- figures
+
+def _write_report(
+    config: CompareConfig, data: DataBundle, ordered: list[TwinResult],
+    records: dict[str, list[dict[str, Any]]], models: dict[str, nn.Module], output: Path,
+) -> None:  # fmt: skip
+    """Figures, report.md and results.json in ``output``."""
     steps_per_epoch = max(
         1, max(r.get("step", 0) for r in records[config.twins[0]] if r["kind"] == "step") + 1
     )
@@ -295,8 +315,6 @@ def _compare(config: CompareConfig, data: DataBundle, output: Path) -> tuple[lis
             class_names=data.class_names, labels=[labels[i] for i in picks],
         )  # fmt: skip
 
-    # ---- report
-    ordered = [results[t] for t in config.twins]
     report = Report(f"Agent vs softmax vs linear attention on {config.data}")
     report.paragraph(
         f"Model `{config.model}` with {json.dumps(config.model_kwargs)}; only `attn_type` differs between the "
@@ -351,7 +369,6 @@ def _compare(config: CompareConfig, data: DataBundle, output: Path) -> tuple[lis
         ],
     }
     atomic_write_text(output / "results.json", json.dumps(summary, indent=2) + "\n")
-    return ordered, output
 
 
 def results_table(results: list[TwinResult], config: CompareConfig) -> tuple[list[str], list[list[str]]]:

@@ -92,10 +92,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def check_config(config: TrainConfig) -> None:
-    """ValueError naming the option (as on the command line) for out-of-range settings, before any work."""
+    """ValueError naming the config field for out-of-range settings, before any work."""
 
     def bad(name: str, want: str) -> ValueError:
-        return ValueError(f"--{name.replace('_', '-')} must be {want}, got {getattr(config, name)!r}")
+        return ValueError(f"{name} must be {want}, got {getattr(config, name)!r}")
 
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
@@ -137,5 +137,5 @@ def check_config(config: TrainConfig) -> None:
 
 def _amp_dtype(amp: str) -> torch.dtype | None:
     if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"--amp must be none, bf16 or fp16, not {amp!r}")
+        raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {amp!r}")
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]

@@ -1,11 +1,11 @@
 """Data sources for ``agentattn train`` / ``eval``: Fashion-MNIST from IDX files, or an image folder.
 
-``--data fashion-mnist`` (or ``fashion-mnist:DIR``) reads the gzipped IDX files that Debian's
+``data="fashion-mnist"`` (or ``"fashion-mnist:DIR"``) reads the gzipped IDX files that Debian's
 ``dataset-fashion-mnist`` package installs in ``/usr/share/datasets/fashion-mnist``. The images stay
 grayscale: the models take ``in_chans=1``, so repeating the channel three times would only triple the cost of
 the first patch embedding without adding information.
 
-``--data imagefolder:PATH`` reads ``PATH/train`` and ``PATH/val`` with torchvision's ``ImageFolder`` and timm's
+``data="imagefolder:PATH"`` reads ``PATH/train`` and ``PATH/val`` with torchvision's ``ImageFolder`` and timm's
 transforms (ImageNet mean/std, RGB, ``in_chans=3``).
 
 The epoch order comes from :class:`EpochSampler`: a permutation computed from ``seed + epoch`` alone, split
@@ -47,7 +47,7 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _INSTALL_HINT = (
-    "install it with `sudo apt-get install dataset-fashion-mnist` or pass --data fashion-mnist:DIR"
+    "install it with `sudo apt-get install dataset-fashion-mnist` or set data to 'fashion-mnist:DIR'"
 )
 
 
@@ -163,9 +163,11 @@ def parse_data_spec(spec: str) -> tuple[str, Path | None]:
     """``fashion-mnist`` / ``fashion-mnist:DIR`` / ``imagefolder:PATH`` -> (kind, path or None)."""
     kind, _, path = spec.partition(":")
     if kind not in ("fashion-mnist", "imagefolder"):
-        raise ValueError(f"unknown --data {spec!r}: use fashion-mnist, fashion-mnist:DIR or imagefolder:PATH")
+        raise ValueError(
+            f"data must be 'fashion-mnist', 'fashion-mnist:DIR' or 'imagefolder:PATH', got {spec!r}"
+        )
     if kind == "imagefolder" and not path:
-        raise ValueError("--data imagefolder needs a path: imagefolder:PATH (with PATH/train and PATH/val)")
+        raise ValueError(f"data {spec!r} needs a path: 'imagefolder:PATH' (with PATH/train and PATH/val)")
     return kind, Path(path) if path else None
 
 
@@ -180,7 +182,7 @@ def build_data(
     with_train: bool = True,
     train_transform: dict | None = None,
 ) -> DataBundle:
-    """Build the train and evaluation datasets of a ``--data`` spec.
+    """Build the train and evaluation datasets of a ``data`` spec.
 
     Args:
         spec: ``fashion-mnist``, ``fashion-mnist:DIR`` or ``imagefolder:PATH``.
@@ -219,7 +221,7 @@ def build_data(
     split = {"test": "val", None: "val"}.get(eval_split, eval_split)
     if not (path / split).is_dir():
         raise ValueError(
-            f"image folder {path / split} is missing: --data imagefolder:PATH needs PATH/{split}/"
+            f"image folder {path / split} is missing: data='imagefolder:PATH' needs PATH/{split}/"
         )
     eval_tf = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=224 / 256)
     evalset = ImageFolder(str(path / split), transform=eval_tf)
@@ -227,7 +229,7 @@ def build_data(
     if with_train:
         if not (path / "train").is_dir():
             raise ValueError(
-                f"image folder {path / 'train'} is missing: --data imagefolder:PATH needs PATH/train/"
+                f"image folder {path / 'train'} is missing: data='imagefolder:PATH' needs PATH/train/"
             )
         train_tf = create_transform(size, is_training=True, **(train_transform or {}))
         train = ImageFolder(str(path / "train"), transform=train_tf)

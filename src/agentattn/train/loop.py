@@ -2,13 +2,14 @@
 
 What a step does: forward under optional autocast, (soft-target) cross-entropy, backward, grad clipping,
 AdamW step, EMA update, then the cosine-with-warmup learning rate for the next step (timm's
-``CosineLRScheduler``, stepped per iteration). Every epoch ends with an evaluation and a checkpoint.
+``CosineLRScheduler``, stepped per iteration). Every epoch ends with an evaluation and a checkpoint. The
+process set-up (device, DDP) is :mod:`.process`; the model and what updates it are built by :mod:`.parts`.
 
 Files in ``config.output``:
 
 - ``metrics.jsonl``: one ``{"kind": "step", ...}`` line per step and one ``{"kind": "epoch", ...}`` per epoch;
 - ``metrics.csv``: the epoch lines as a table;
-- ``last.pth``: the checkpoint ``--resume`` reads (plain containers and tensors only, loaded with the safe
+- ``last.pth``: the checkpoint ``resume`` reads (plain containers and tensors only, loaded with the safe
   loader, so resuming never unpickles code), written atomically; every field is checked before it is used.
 
 The run holds ``config.output`` (rank 0 takes its lock) for its whole life: a second run into it stops at once.
@@ -25,30 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..device import resolve_device
 from ..io import atomic_torch_save, lock_run_directory
 from ..models import check_model_name
-from .config import TrainConfig, _amp_dtype, check_config
+from .config import TrainConfig, check_config
 from .data import DataBundle, EpochSampler, build_data
+from .parts import RunParts, build_model, build_parts
+from .process import RunProcess, start_process
 from .record_checks import (
     check_dict,
     check_optimizer_state,
@@ -89,24 +84,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers: model, RNG, checkpoints, metrics, evaluation.
-
-
-def build_model(
-    name: str, num_classes: int, in_chans: int, img_size: int, model_kwargs: dict[str, Any] | None = None
-) -> nn.Module:
-    """``timm.create_model`` of a registered name (``import agentattn`` registers the agent models).
-
-    Raises:
-        ValueError: an unknown model name, or kwargs the model does not take.
-    """
-    check_model_name(name)
-    kwargs = dict(model_kwargs or {})
-    kwargs.setdefault("img_size", img_size)
-    try:
-        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"model {name!r} rejects the model kwargs {kwargs}: {err}") from err
+# Evaluation.
 
 
 @torch.no_grad()
@@ -156,10 +134,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The run directory and the checkpoint to resume.
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The loop.
 
 
@@ -176,46 +150,6 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> TrainResult:
     """
     with contextlib.ExitStack() as stack:  # holds the run directory until the run ends, however it ends
         return _train(config, data, stack)
-
-
-@dataclass
-class _Process:
-    """Where this process trains: its rank among ``world_size`` processes, its device and its autocast dtype."""
-
-    world_size: int
-    rank: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:  # rank 0 alone logs, evaluates and checkpoints
-        return self.rank == 0
-
-
-def _start_process(config: TrainConfig) -> _Process:
-    """Join the process group under torchrun, pick the device, and set determinism and threads."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(config.device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    threads = config.threads or (1 if config.deterministic else 0)
-    if threads:
-        torch.set_num_threads(threads)  # the reduction order of CPU kernels depends on the thread count
-    amp_dtype = _amp_dtype(config.amp)
-    if amp_dtype == torch.float16 and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a CUDA device (it uses a GradScaler): use --amp bf16 on the CPU")
-    return _Process(world_size, rank, device, amp_dtype)
 
 
 def _load_data(config: TrainConfig, data: DataBundle | None, world_size: int) -> tuple[DataBundle, int]:
@@ -240,72 +174,9 @@ def _load_data(config: TrainConfig, data: DataBundle | None, world_size: int) ->
     if steps_per_epoch == 0:
         raise ValueError(
             f"the training set ({len(data.train)} images) is smaller than one global batch ({global_batch}): "  # type: ignore[arg-type]
-            "use a smaller --batch-size or a larger --train-subset"
+            "use a smaller batch_size or a larger train_subset"
         )
     return data, steps_per_epoch
-
-
-@dataclass
-class _Parts:
-    """What a run trains and checkpoints: the model and everything that updates it."""
-
-    model: nn.Module
-    model_kwargs: dict[str, Any]
-    optimizer: torch.optim.Optimizer
-    scheduler: CosineLRScheduler
-    scaler: torch.amp.GradScaler | None
-    ema: ModelEmaV3 | None
-    mixup: Mixup | None
-    criterion: nn.Module
-
-
-def _build_parts(config: TrainConfig, data: DataBundle, proc: _Process, steps_per_epoch: int) -> _Parts:
-    """Model, AdamW, cosine schedule (per step, with warm-up), EMA, mixup and loss, as timm's recipe sets them.
-    The same seed on every rank gives every rank the same initial weights."""
-    _seed_everything(config.seed)
-    model_kwargs = dict(config.model_kwargs)
-    if config.drop_path is not None:
-        model_kwargs["drop_path_rate"] = config.drop_path
-    model = build_model(config.model, data.num_classes, data.in_chans, data.img_size, model_kwargs)
-    model = model.to(proc.device)
-    global_batch = config.batch_size * proc.world_size
-    scale = global_batch / config.lr_base_batch if config.lr_base_batch > 0 else 1.0
-    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=no_decay),
-        lr=config.lr * scale,
-        betas=tuple(config.betas),
-        eps=config.eps,
-    )
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=max(1, config.epochs * steps_per_epoch - warmup_steps),
-        lr_min=config.min_lr * scale,
-        warmup_t=warmup_steps,
-        warmup_lr_init=config.warmup_lr * scale,
-        warmup_prefix=True,
-        cycle_limit=1,
-        t_in_epochs=False,
-    )
-    scaler = torch.amp.GradScaler("cuda") if proc.amp_dtype == torch.float16 else None
-    ema = (
-        ModelEmaV3(model, decay=config.ema_decay, stochastic_rounding=False) if config.ema_decay > 0 else None
-    )
-    mixup = None
-    if config.mixup > 0 or config.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=config.mixup,
-            cutmix_alpha=config.cutmix,
-            prob=config.mixup_prob,
-            switch_prob=config.mixup_switch_prob,
-            label_smoothing=config.label_smoothing,
-            num_classes=data.num_classes,
-        )
-    criterion: nn.Module = (
-        SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    )
-    return _Parts(model, model_kwargs, optimizer, scheduler, scaler, ema, mixup, criterion)
 
 
 @dataclass
@@ -322,7 +193,12 @@ class _Position:
 
 
 def _restore(
-    path: Path, ckpt: dict[str, Any], resumed: dict[str, Any], config: TrainConfig, parts: _Parts, steps: int
+    path: Path,
+    ckpt: dict[str, Any],
+    resumed: dict[str, Any],
+    config: TrainConfig,
+    parts: RunParts,
+    steps: int,
 ) -> _Position:
     """Load the checkpoint ``ckpt`` (its fields checked by ``_resume_fields``) into ``parts``; every state is
     checked against the part it goes into before any is loaded."""
@@ -364,7 +240,7 @@ def _restore(
 
 
 def _checkpoint_state(
-    config: TrainConfig, data: DataBundle, parts: _Parts, position: _Position, metrics: _MetricsWriter
+    config: TrainConfig, data: DataBundle, parts: RunParts, position: _Position, metrics: _MetricsWriter
 ) -> dict[str, Any]:
     """Everything a resumed run needs to continue as if never stopped (read back by ``_resume_fields``)."""
     return {
@@ -392,8 +268,8 @@ def _checkpoint_state(
 
 
 def _train_step(
-    parts: _Parts, train_model: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
-    proc: _Process, global_step: int, where: str,
+    parts: RunParts, train_model: nn.Module, images: torch.Tensor, targets: torch.Tensor, config: TrainConfig,
+    proc: RunProcess, global_step: int, where: str,
 ) -> tuple[float, float | None, float]:  # fmt: skip
     """One optimizer step on a batch; ``global_step`` counts it. Returns (loss, grad norm or None, the lr used).
 
@@ -432,7 +308,7 @@ def _train_step(
 
 
 def _epoch_record(
-    config: TrainConfig, data: DataBundle, parts: _Parts, proc: _Process, eval_loader: DataLoader,
+    config: TrainConfig, data: DataBundle, parts: RunParts, proc: RunProcess, eval_loader: DataLoader,
     position: _Position, epoch_time: float,
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate the model (and its EMA) at the end of an epoch: the record that the logs and history keep."""
@@ -460,7 +336,7 @@ def _epoch_record(
 def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitStack) -> TrainResult:
     check_config(config)
     check_model_name(config.model)  # before the data: a typo should not wait for a dataset to load
-    proc = _start_process(config)
+    proc = start_process(config)
     output = Path(config.output)
     ckpt_path = output / CHECKPOINT_NAME
     if proc.master:
@@ -473,7 +349,7 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
         ckpt = load_training_checkpoint(ckpt_path)
         resumed = _resume_fields(ckpt_path, ckpt, config, proc.master)
     data, steps_per_epoch = _load_data(config, data, proc.world_size)
-    parts = _build_parts(config, data, proc, steps_per_epoch)
+    parts = build_parts(config, data, proc, steps_per_epoch)
     position = _Position()
     if ckpt is not None and resumed is not None:
         position = _restore(ckpt_path, ckpt, resumed, config, parts, steps_per_epoch)
@@ -537,7 +413,7 @@ def _train(config: TrainConfig, data: DataBundle | None, stack: contextlib.ExitS
 
 
 def _run_epoch(
-    config: TrainConfig, data: DataBundle, parts: _Parts, proc: _Process, train_model: nn.Module,
+    config: TrainConfig, data: DataBundle, parts: RunParts, proc: RunProcess, train_model: nn.Module,
     position: _Position, steps_per_epoch: int, metrics: _MetricsWriter, ckpt_path: Path,
 ) -> bool:  # fmt: skip
     """Train from ``position`` to the end of its epoch (or to ``max_steps``: then return True), logging each step
@@ -559,7 +435,7 @@ def _run_epoch(
     )
     train_model.train()
     last_step = steps_per_epoch
-    if config.max_steps:  # the bar ends where --max-steps stops the run
+    if config.max_steps:  # the bar ends where max_steps stops the run
         last_step = min(steps_per_epoch, skip + max(config.max_steps - position.global_step, 0))
     total_epochs = config.epochs + config.cooldown_epochs
     bar = tqdm(
@@ -588,7 +464,7 @@ def _run_epoch(
             record["grad_norm"] = grad_norm
         metrics.step({**record, "time_s": step_time, "img_per_s": img_per_s})
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.0f}", refresh=False)
-        bar.update(1)  # by hand: a bar wrapping the loader misses the step a --max-steps break ends on
+        bar.update(1)  # by hand: a bar wrapping the loader misses the step a max_steps break ends on
         stop = bool(config.max_steps) and global_step >= config.max_steps
         if config.ckpt_every_steps and global_step % config.ckpt_every_steps == 0 and not stop:
             if step_in_epoch + 1 < steps_per_epoch and proc.master:

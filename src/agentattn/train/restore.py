@@ -48,7 +48,7 @@ def read_checkpoint(
             key = "state_dict_ema" if use_ema else "model"
             state = obj.get(key)
             if state is None and use_ema:
-                raise ValueError(f"{path}: the run had no EMA (--ema-decay 0); drop --ema")
+                raise ValueError(f"{path}: the run had no EMA (ema_decay 0); set use_ema to False")
             if not check_state_dict(path, key, state):
                 raise ValueError(f"{path}: field {key} is an empty state dict")
             record: dict[str, Any] = dict(read_model_record(obj, str(path)))
@@ -87,7 +87,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
         detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), "")
         raise ValueError(
             f"{path} does not fit model {name!r} ({detail[:200]}): it comes from another architecture; "
-            "pass the matching --model/--model-kwargs"
+            "pass the matching model_name and model_kwargs"
         ) from err
 
 
@@ -112,10 +112,12 @@ def model_from_checkpoint(
     state, meta = read_checkpoint(path, use_ema)
     recorded = meta.get("model_name")
     if model_name and recorded and model_name != recorded:
-        raise ValueError(f"{path} is a checkpoint of {quote(recorded)}, not {model_name!r}: drop --model")
+        raise ValueError(
+            f"{path} is a checkpoint of {quote(recorded)}, not {model_name!r}: leave model_name unset"
+        )
     name = recorded or model_name
     if not name:
-        raise ValueError(f"{path} does not record its model: pass --model NAME (and --model-kwargs)")
+        raise ValueError(f"{path} does not record its model: pass model_name (and model_kwargs)")
     kwargs = dict(meta.get("model_kwargs") or {})
     kwargs.update(model_kwargs or {})
     if meta:

@@ -43,7 +43,7 @@ __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "METRICS_NAMES", "RUN_FILES",
 CHECKPOINT_NAME = "last.pth"
 CHECKPOINT_FORMAT = "agentattn-train-v1"
 METRICS_NAMES = ("metrics.jsonl", "metrics.csv")
-# The files a run writes into its output directory: what --overwrite removes, and nothing else.
+# The files a run writes into its output directory: what ``overwrite`` removes, and nothing else.
 RUN_FILES = (*METRICS_NAMES, CHECKPOINT_NAME)
 # Options a resumed run must share with the run it continues.
 _RESUME_KEYS = (
@@ -159,7 +159,7 @@ def _prepare_output(output: Path, config: TrainConfig) -> None:
     """Refuse to start over an earlier run's results (unless ``overwrite``: then remove its files).
 
     Called by rank 0 with the directory locked. Resuming an existing checkpoint is always allowed; ``resume``
-    without one is refused (timm's train.py refuses a missing --resume file too) rather than starting over,
+    without one is refused (timm's train.py refuses a missing resume file too) rather than starting over,
     unless ``overwrite`` also says to start over.
     """
     ckpt_path = output / CHECKPOINT_NAME
@@ -169,23 +169,23 @@ def _prepare_output(output: Path, config: TrainConfig) -> None:
     if config.resume and not config.overwrite:
         earlier = f" (it holds an earlier run's {', '.join(found)})" if found else ""
         raise ValueError(
-            f"nothing to resume: {ckpt_path} does not exist{earlier}; start the run without --resume, choose "
-            "another --output, or pass --overwrite to replace the earlier results"
+            f"nothing to resume: {ckpt_path} does not exist{earlier}; start the run without resume, choose "
+            "another output directory, or set overwrite to replace the earlier results"
         )
     if not found:
         return
     if config.overwrite:
         removed = remove_results(output, RUN_FILES)
-        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {output}")
+        print(f"overwrite: removed the earlier run's {', '.join(removed)} from {output}")
         return
     if CHECKPOINT_NAME in found:
         raise ValueError(
-            f"{ckpt_path} exists: pass --resume to continue that run, choose another --output, or pass "
-            "--overwrite to replace its results"
+            f"{ckpt_path} exists: set resume to continue that run, choose another output directory, or set "
+            "overwrite to replace its results"
         )
     raise ValueError(
         f"{output} holds results of an earlier run ({', '.join(found)}) but no {CHECKPOINT_NAME} to continue "
-        "it with --resume: choose another --output, or pass --overwrite to replace them"
+        "it with resume: choose another output directory, or set overwrite to replace them"
     )
 
 
@@ -211,7 +211,7 @@ def _resume_fields(path: Path, ckpt: dict[str, Any], config: TrainConfig, master
     changed = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
     if changed:
         diffs = ", ".join(f"{k}: {quote(saved.get(k), 80)} -> {quote(now[k], 80)}" for k in changed)
-        raise ValueError(f"{path} was written with other settings ({diffs}): pass the run's options again")
+        raise ValueError(f"{path} was written with other settings ({diffs}): use the run's settings again")
     total_epochs = config.epochs + config.cooldown_epochs
     epoch = check_int(path, "epoch", get_field(path, ckpt, "epoch"), 0, total_epochs)
     step = check_int(path, "step_in_epoch", get_field(path, ckpt, "step_in_epoch"), 0)
