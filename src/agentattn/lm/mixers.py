@@ -71,6 +71,13 @@ class _Mixer(nn.Module):
             if cfg.conv_kernel
             else None
         )
+        self.rope_base: float | None = None  # set by a mixer that uses rotary q and k
+
+    def _rotary(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (B, H, T, hd) rotated to positions start.. (unchanged without ``rope_base``)."""
+        if self.rope_base is None:
+            return q, k
+        return rotate(q, start, self.rope_base), rotate(k, start, self.rope_base)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, _ = x.shape
@@ -175,17 +182,12 @@ class SoftmaxMixer(_Mixer):
         super().__init__(cfg)
         self.rope_base = cfg.rope_base if cfg.positions == "rope" else None
 
-    def _positioned(self, q: torch.Tensor, k: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rope_base is None:
-            return q, k
-        return rotate(q, start, self.rope_base), rotate(k, start, self.rope_base)
-
     def _attend(self, q, k, v):
-        q, k = self._positioned(q, k, 0)
+        q, k = self._rotary(q, k, 0)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def _prefill(self, q, k, v, capacity):
-        q, k = self._positioned(q, k, 0)
+        q, k = self._rotary(q, k, 0)
         B, H, T, hd = k.shape
         cache = KVCache(k.new_zeros(B, H, max(capacity, T), hd), v.new_zeros(B, H, max(capacity, T), hd), T)
         cache.k[:, :, :T], cache.v[:, :, :T] = k, v
@@ -194,7 +196,7 @@ class SoftmaxMixer(_Mixer):
     def _step(self, q, k, v, cache):
         if cache.t >= cache.k.shape[2]:
             raise ValueError(f"KV cache is full ({cache.k.shape[2]} positions)")
-        q, k = self._positioned(q, k, cache.t)
+        q, k = self._rotary(q, k, cache.t)
         cache.k[:, :, cache.t], cache.v[:, :, cache.t] = k[:, :, 0], v[:, :, 0]
         cache.t += 1
         return F.scaled_dot_product_attention(q, cache.k[:, :, : cache.t], cache.v[:, :, : cache.t])
@@ -258,7 +260,8 @@ class AgentMixer(_Mixer):
         """The op's window_q / window_k keywords: rotary q and k at positions start.., or nothing."""
         if self.rope_base is None:
             return {}
-        return {"window_q": rotate(q, start, self.rope_base), "window_k": rotate(k, start, self.rope_base)}
+        window_q, window_k = self._rotary(q, k, start)
+        return {"window_q": window_q, "window_k": window_k}
 
     def _attend(self, q, k, v):
         agents, decay = self.agents.to(q.dtype), self.log_decay.exp()

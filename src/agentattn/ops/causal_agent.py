@@ -152,19 +152,17 @@ def causal_agent_attention(
     pad = N * C - T  # padding at the end is only ever seen by padded queries
     # Contiguous (B, H, T, d) inputs: the chunk views below then have uniform batch strides, and every batched
     # matmul reads its operands in place (heads split from a fused qkv projection would be copied at each one).
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k, v))
+    window = () if window_q is None else (window_q.to(cd), window_k.to(cd))
+    q, k, v, *window = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k, v, *window))
     kc, vc = k.view(B, H, N, C, d), v.view(B, H, N, C, dv)
-    if window_q is None:
-        wqs, wkc = (q * s).view(B, H, N, C, d), kc
-    else:
-        wq, wk = (
-            F.pad(t.to(cd), (0, 0, 0, pad)) if pad else t.to(cd).contiguous() for t in (window_q, window_k)
-        )
-        wqs, wkc = (wq * s).view(B, H, N, C, d), wk.view(B, H, N, C, d)
 
     # One softmax per query over three parts, normalised jointly without concatenating them:
     # n agents (values: memory readouts over chunks <= c - 2) | the previous chunk | the current chunk (causal).
-    qs = wqs if window_q is None else (q * s).view(B, H, N, C, d)
+    # The agent logits use q; the window logits use window_q and window_k when given (e.g. rotary ones).
+    qs = (q * s).view(B, H, N, C, d)
+    wqs, wkc = (
+        (qs, kc) if not window else ((window[0] * s).view(B, H, N, C, d), window[1].view(B, H, N, C, d))
+    )
     mem = q.new_zeros(B, H, N, n, dv)
     if N > 2:
         # Readouts after every chunk (the last two are not needed, but slicing the inputs would copy them).
