@@ -152,7 +152,13 @@ def test_features_only():
 
 @pytest.mark.parametrize(
     ("attn_type", "depth", "expected"),
-    [("A", 3, "AAA"), ("ABL", 3, "ABL"), ("A4B8", 12, "AAAABBBBBBBB"), ("A1L2", 3, "ALL")],
+    [
+        ("A", 3, "AAA"),
+        ("ABL", 3, "ABL"),
+        ("A4B8", 12, "AAAABBBBBBBB"),
+        ("A1L2", 3, "ALL"),
+        ("B12", 12, "B" * 12),
+    ],
 )
 def test_parse_attn_type(attn_type, depth, expected):
     assert parse_attn_type(attn_type, depth) == expected

@@ -37,6 +37,7 @@ FAMILIES = {
         ("AAMB1", [["A", "A"], ["A", "A"], ["A", "B"], ["B", "B"]]),  # the official Swin form
         ("ABABABAB", [["A", "B"], ["A", "B"], ["A", "B"], ["A", "B"]]),  # one letter per block
         ("A3L1B4", [["A", "A"], ["A", "L"], ["B", "B"], ["B", "B"]]),  # runs, the official DeiT form
+        ("L8", [["L", "L"], ["L", "L"], ["L", "L"], ["L", "L"]]),  # one run over every block
         (["agent", "M1", "AL", "B2"], [["A", "A"], ["A", "B"], ["A", "L"], ["B", "B"]]),  # per-stage entries
     ],
 )

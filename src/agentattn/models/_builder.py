@@ -342,7 +342,8 @@ def parse_attn_type(attn_type: str | Sequence[str], depths: Sequence[int]) -> li
             f"attn_type {attn_type!r} has {len(attn_type)} letters: give one, one per stage ({len(depths)}) or one "
             f"per block ({total})"
         )
-    stagewise = re.fullmatch(r"([ABLM]+)(\d*)", attn_type)
+    runs = re.fullmatch(r"([ABL]\d+)+", attn_type)  # 'A12', 'A4B8': counted over all blocks
+    stagewise = None if runs else re.fullmatch(r"([ABLM]+)(\d*)", attn_type)
     if stagewise and ("M" in attn_type or len(stagewise.group(1)) == len(depths) != total):
         letters, count = stagewise.groups()
         if ("M" in letters) != bool(count):
