@@ -11,6 +11,7 @@ ATTN_TYPES = ("agent", "softmax", "linear", "retention")
 POSITIONS = ("rope", "none")
 # Fields whose default changed: a saved config without them was made with these values.
 SAVED_BEFORE_DEFAULTS = {"window_positions": "none"}
+DEFAULT_AGENT_NUM = 16
 
 
 @dataclass
@@ -25,8 +26,9 @@ class AgentLMConfig:
     config saved before this option existed reads as "none", the model it was trained as.
     conv_kernel: every mixer: the causal depthwise conv on V added to the attention output (0 = off).
     agent_num: agent attention only, as the vision models name it (``num_agents``, its old name, is still
-    accepted by the constructor, ``from_dict`` and saved configs). chunk_size: the chunk of the chunked forms (agent: its exact window of
-    C..2C tokens; linear and retention: a speed knob only).
+    accepted by the constructor, ``from_dict`` and saved configs).
+    chunk_size: the chunk of the chunked forms (agent: its exact window of C..2C tokens; linear and retention: a
+    speed knob only).
     """
 
     attn_type: str
@@ -37,7 +39,7 @@ class AgentLMConfig:
     max_seq_len: int = 256
     mlp_ratio: float = 4.0
     dropout: float = 0.0
-    agent_num: int = 16
+    agent_num: int = DEFAULT_AGENT_NUM
     chunk_size: int = 32
     conv_kernel: int = 4
     norm_eps: float = 1e-5
@@ -48,7 +50,7 @@ class AgentLMConfig:
 
     def __post_init__(self, num_agents: int | None) -> None:
         if num_agents is not None:
-            if self.agent_num not in (16, num_agents):
+            if self.agent_num not in (DEFAULT_AGENT_NUM, num_agents):
                 raise ValueError(
                     f"agent_num ({self.agent_num}) and its old name num_agents ({num_agents}) differ"
                 )
